@@ -1,0 +1,5 @@
+import sys
+
+from sfdaseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""The ``sfdaseg`` command line: parse -> load and validate the config -> call one run function.
+
+Every command takes ``--config FILE`` and ``key=value`` overrides (``optim.lr=1e-4 data.crop=[512,512]``); the
+flags are shortcuts for the keys set most often. Progress and tables go to stderr; a command that produces a
+checkpoint prints its path as the last line of stdout, so ``ckpt=$(sfdaseg train-source ...)`` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sfdaseg.config import ConfigError, DemoConfig, EvaluateConfig, TrainSourceConfig, load_config, parse_override
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    key: str  # the config key it sets
+    help: str
+    switch: bool = False  # a boolean flag without a value
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    examples: str
+    flags: tuple[Flag, ...] = ()
+    config_cls: type | None = None
+    run: Callable[[Any], Any] | None = None
+    pending_issue: int | None = None  # commands whose implementation has not landed yet
+    extra: dict = field(default_factory=dict)
+
+
+def _run_demo(cfg):
+    from sfdaseg.runs.demo import run_demo
+
+    return run_demo(cfg)
+
+
+def _run_train_source(cfg):
+    from sfdaseg.runs.train_source import run_train_source
+
+    return run_train_source(cfg)
+
+
+def _run_evaluate(cfg):
+    from sfdaseg.runs.evaluate import run_evaluate
+
+    run_evaluate(cfg)
+    return None
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in [
+        Command(
+            "demo", "build the built-in benchmark, train a source model and a target oracle, evaluate, write a report",
+            """\
+            sfdaseg demo                      # the whole story on the built-in benchmark, a few minutes on a CPU
+            sfdaseg demo --out runs/demo2 --quick
+            sfdaseg demo --device cuda iters=4000""",
+            flags=(Flag(("--out",), "out", "run folder (default runs/demo)", metavar="DIR"),
+                   Flag(("--quick",), "quick", "a much shorter run (smoke test)", switch=True),
+                   Flag(("--device",), "device", "auto | cpu | cuda | cuda:N"),
+                   ),
+            config_cls=DemoConfig, run=_run_demo,
+        ),
+        Command(
+            "train-source", "supervised training on a labelled (source) dataset",
+            """\
+            sfdaseg train-source --model tiny --data synthetic:source:train --val synthetic:source:val \\
+                --iters 2000 --out runs/src
+            sfdaseg train-source --config configs/source/gta5_deeplabv2.yaml data.train=gta5:/data/gta5 \\
+                model.weights=/models/resnet101.pth
+            torchrun --nproc_per_node 4 -m sfdaseg train-source --config configs/source/gta5_segformer_b5.yaml
+            sfdaseg train-source --config runs/src/config.yaml --resume   # continue an interrupted run""",
+            flags=(Flag(("--model",), "model.name", "registered model name", metavar="NAME"),
+                   Flag(("--weights",), "model.weights", "initial weights: a local file or Hugging Face folder",
+                        metavar="PATH"),
+                   Flag(("--data",), "data.train", "labelled training set KIND:ROOT[:SPLIT]", metavar="DS"),
+                   Flag(("--val",), "data.val", "labelled validation set KIND:ROOT[:SPLIT]", metavar="DS"),
+                   Flag(("--iters",), "train.iters", "optimizer steps", metavar="N"),
+                   Flag(("--batch-size",), "data.batch_size", "images per step and process", metavar="N"),
+                   Flag(("--out",), "train.out", "run folder", metavar="DIR"),
+                   Flag(("--device",), "train.device", "auto | cpu | cuda | cuda:N"),
+                   Flag(("--amp",), "train.amp", "fp32 | bf16 | fp16"),
+                   Flag(("--seed",), "train.seed", "random seed", metavar="N"),
+                   Flag(("--resume",), "train.resume", "continue the run in --out", switch=True)),
+            config_cls=TrainSourceConfig, run=_run_train_source,
+        ),
+        Command(
+            "adapt", "source-free adaptation with a recipe (STvM, DiGA-SF, DUDA, UniSFDA, SFDA-Liu, baselines)",
+            """\
+            sfdaseg adapt --recipe stvm --checkpoint runs/src/model.ckpt --target synthetic:target:train \\
+                --val synthetic:target:val --iters 2000 --out runs/stvm""",
+            flags=(Flag(("--recipe",), "recipe", "recipe name", metavar="NAME"),
+                   Flag(("--checkpoint",), "checkpoint", "source model checkpoint", metavar="CKPT"),
+                   Flag(("--target",), "target", "unlabelled target images KIND:ROOT[:SPLIT]", metavar="DS"),
+                   Flag(("--val",), "val", "labelled validation split (evaluation only)", metavar="DS"),
+                   Flag(("--iters",), "iters", "optimizer steps", metavar="N"),
+                   Flag(("--out",), "out", "run folder", metavar="DIR")),
+            pending_issue=4,
+        ),
+        Command(
+            "distill", "distil one or several adapted teachers into an efficient student",
+            """\
+            sfdaseg distill --teachers runs/a/model.ckpt,runs/b/model.ckpt --model lraspp_mobilenet_v3_large \\
+                --target synthetic:target:train --iters 2000 --out runs/distill""",
+            flags=(Flag(("--teachers",), "teachers", "comma-separated teacher checkpoints", metavar="CKPT[,CKPT]"),
+                   Flag(("--model",), "model", "student model name", metavar="NAME"),
+                   Flag(("--target",), "target", "unlabelled target images", metavar="DS"),
+                   Flag(("--iters",), "iters", "optimizer steps", metavar="N"),
+                   Flag(("--out",), "out", "run folder", metavar="DIR")),
+            pending_issue=5,
+        ),
+        Command(
+            "evaluate", "mIoU (19/16/13-class protocols), per-class IoU and pixel accuracy of a checkpoint",
+            """\
+            sfdaseg evaluate --checkpoint runs/src/model.ckpt --data synthetic:target:val
+            sfdaseg evaluate --checkpoint m.ckpt --data cityscapes:/data/cs:val resize=[512,1024] --json cs.json
+            sfdaseg evaluate --checkpoint m.ckpt --data synthia:/data/synthia --protocol 16
+            sfdaseg evaluate --checkpoint m.ckpt --data cityscapes:/data/cs:val eval.mode=slide \\
+                eval.crop=[512,512] eval.stride=[341,341] eval.flip=true""",
+            flags=(Flag(("--checkpoint",), "checkpoint", "model checkpoint", metavar="CKPT"),
+                   Flag(("--data",), "data", "labelled split KIND:ROOT[:SPLIT]", metavar="DS"),
+                   Flag(("--protocol",), "eval.protocol", "19 | 16 | 13 (Cityscapes trainId subsets)", metavar="N"),
+                   Flag(("--json",), "json", "write the metrics as JSON here", metavar="FILE"),
+                   Flag(("--device",), "device", "auto | cpu | cuda | cuda:N")),
+            config_cls=EvaluateConfig, run=_run_evaluate,
+        ),
+        Command(
+            "predict", "class-index PNGs, colour masks and overlays for a folder of images",
+            """\
+            sfdaseg predict --checkpoint runs/stvm/model.ckpt --images /data/new_city --out preds/""",
+            flags=(Flag(("--checkpoint",), "checkpoint", "model checkpoint", metavar="CKPT"),
+                   Flag(("--images",), "images", "folder of images", metavar="DIR"),
+                   Flag(("--out",), "out", "output folder", metavar="DIR")),
+            pending_issue=7,
+        ),
+        Command(
+            "export", "ONNX export, checked against PyTorch with onnxruntime",
+            """\
+            sfdaseg export --checkpoint runs/distill/model.ckpt --out model.onnx""",
+            flags=(Flag(("--checkpoint",), "checkpoint", "model checkpoint", metavar="CKPT"),
+                   Flag(("--out",), "out", "ONNX file", metavar="FILE.onnx")),
+            pending_issue=7,
+        ),
+        Command(
+            "bench", "many recipes x seeds on one benchmark, one table",
+            """\
+            sfdaseg bench --recipes selftrain,stvm,diga_sf --seeds 3 --out runs/bench""",
+            flags=(Flag(("--recipes",), "recipes", "comma-separated recipe names", metavar="a,b"),
+                   Flag(("--seeds",), "seeds", "number of seeds", metavar="N"),
+                   Flag(("--out",), "out", "output folder", metavar="DIR")),
+            pending_issue=7,
+        ),
+    ]
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sfdaseg",
+        description="Source-free domain adaptation for semantic segmentation.",
+        epilog="Every command takes --config FILE and key=value overrides; `sfdaseg COMMAND --help` shows examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(
+            cmd.name, help=cmd.summary, description=cmd.summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="examples:\n" + textwrap.indent(textwrap.dedent(cmd.examples), "  ")
+            + "\n\nkey=value overrides set any config key (a.b=c); values are YAML ([1, 2], null, true).",
+        )
+        p.add_argument("--config", metavar="FILE", help="YAML config; flags and key=value overrides win over it")
+        for f in cmd.flags:
+            if f.switch:
+                p.add_argument(*f.names, dest=f.key, action="store_const", const=True, default=None,
+                               help=f"{f.help} (= {f.key}=true)")
+            else:
+                p.add_argument(*f.names, dest=f.key, metavar=f.metavar or f.key.split(".")[-1].upper(),
+                               default=None, help=f"{f.help} (= {f.key})")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def _flag_values(cmd: Command, ns: argparse.Namespace) -> dict[str, Any]:
+    """Flag strings are parsed like override values, so types are checked (and reported) in one place."""
+    out = {}
+    for f in cmd.flags:
+        v = getattr(ns, f.key, None)
+        if v is None:
+            continue
+        out[f.key] = v if f.switch else parse_override(f"{f.key}={v}")[1]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    cmd = COMMANDS[ns.command]
+    prog = f"sfdaseg {cmd.name}"
+    if cmd.run is None:
+        print(f"{prog}: not available in this version yet (its implementation is tracked in issue "
+              f"{cmd.pending_issue}); see `sfdaseg --help` for the commands that are.", file=sys.stderr)
+        return 2
+    from sfdaseg.data.datasets import DatasetError
+    from sfdaseg.engine.checkpoint import CheckpointError
+
+    try:
+        for o in ns.overrides:
+            parse_override(o)  # a stray word gets "expected key=value" before any work starts
+        cfg = load_config(cmd.config_cls, file=ns.config, flags=_flag_values(cmd, ns), overrides=ns.overrides)
+        result = cmd.run(cfg)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun with --resume (or resume=true) to continue", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(result, flush=True)  # the checkpoint path, last line of stdout
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

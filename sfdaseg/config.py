@@ -1,0 +1,511 @@
+"""Typed configs: dataclasses, YAML files, ``key=value`` overrides, validation and the resolved dump.
+
+A config is a dataclass of sections (themselves dataclasses of plain fields). Loading goes
+``defaults -> YAML file -> command-line shortcut flags -> key=value overrides``; every key is checked against the
+dataclass fields, every value against the field's type and choices, and errors name the key, where it came from
+(the file, or "command line") and what is accepted, with a close-match suggestion for typos.
+
+Only plain types appear in configs (bool, int, float, str, None, lists/tuples of those, string-keyed dicts), so a
+resolved config is YAML- and checkpoint-safe (``torch.load(weights_only=True)`` can read it back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key, its source and what is accepted."""
+
+
+def choices(*values: Any, default: Any = MISSING, help: str = "") -> Any:
+    """A field restricted to ``values`` (checked on load)."""
+    kw = {} if default is MISSING else {"default": default}
+    return field(metadata={"choices": tuple(values), "help": help}, **kw)
+
+
+def _suggest(key: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        inner = _type_name(args[0]) if args else "any"
+        return f"list of {inner}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against type ``tp`` and return it in canonical form; raise ConfigError otherwise."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}) in {source}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        opts = [str(a) for a in get_args(tp)]
+        raise ConfigError(
+            f"{key}: {value!r} is not one of {', '.join(opts)} (in {source}).{_suggest(str(value), opts)}"
+        )
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise bad
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        if origin is tuple and args and Ellipsis not in get_args(tp) and len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r}) in {source}")
+        if origin is tuple and len(args) > 1 and Ellipsis not in get_args(tp):
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        return {str(k): v for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "defaults", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
+    data = dict(data or {})
+    hints = _hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' in {source}; accepted keys of {where}: {', '.join(names)}."
+                f"{_suggest(key, names)}"
+            )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        value = data[f.name]
+        full = f"{prefix}{f.name}"
+        if is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full}: expected a mapping (a section), got {value!r} in {source}")
+            kwargs[f.name] = from_dict(tp, value, source=source, prefix=f"{full}.")
+        else:
+            value = _coerce(value, tp, full, source)
+            opts = f.metadata.get("choices")
+            if opts is not None and value not in opts:
+                raise ConfigError(
+                    f"{full}: {value!r} is not one of {', '.join(map(str, opts))} (in {source})."
+                    f"{_suggest(str(value), [str(o) for o in opts])}"
+                )
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (lists instead of tuples), safe for YAML and weights-only checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``update`` wins; sections merge key by key."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)``; the value is parsed as YAML (so ``[1, 2]``, ``null``, ``true``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-4" as a string (YAML 1.1 needs a dot); accept it as the number users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        d = out
+        for p in parts[:-1]:
+            nxt = d.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{key}': '{p}' is a value, not a section")
+            d = nxt
+        d[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[T],
+    *,
+    file: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Defaults, then ``file``, then shortcut ``flags`` (dotted keys), then ``key=value`` overrides; validated.
+
+    Each layer is checked on its own so an error names the layer it came from.
+    """
+    data: dict[str, Any] = {}
+    if file is not None:
+        layer = load_yaml(file)
+        from_dict(cls, layer, source=str(file))  # checks keys and types, naming the file
+        data = merge(data, layer)
+    if flags:
+        layer = nest({k: v for k, v in flags.items() if v is not None})
+        from_dict(cls, layer, source="command-line flags")
+        data = merge(data, layer)
+    if overrides:
+        layer = nest(dict(parse_override(o) for o in overrides))
+        from_dict(cls, layer, source="command-line overrides")
+        data = merge(data, layer)
+    cfg = from_dict(cls, data, source=str(file) if file else "command line")
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as e:
+            where = f" (config: {file})" if file else ""
+            raise ConfigError(f"{e}{where}") from None
+    return cfg
+
+
+def dump_yaml(cfg: Any, path: str | Path, *, header: str | None = None) -> None:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    Path(path).write_text(text)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    return dataclasses.replace(cfg, **changes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sections shared by commands. Sizes are (H, W), as everywhere in torch.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    weights: str | None = None  # local path only: our checkpoint, a Hugging Face folder, a torchvision state dict
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model builder
+
+    def validate(self, prefix: str = "model") -> None:
+        from sfdaseg.models import MODELS
+
+        if self.name not in MODELS:
+            raise ConfigError(
+                f"{prefix}.name: unknown model '{self.name}'; choices: {', '.join(MODELS)}."
+                f"{_suggest(self.name, list(MODELS))}"
+            )
+        if self.weights is not None and not Path(self.weights).exists():
+            raise ConfigError(f"{prefix}.weights: no such file or folder: {self.weights}")
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic:source:train"  # KIND:ROOT[:SPLIT]
+    val: str | None = "synthetic:source:val"
+    resize: tuple[int, int] | None = None  # (H, W) before random scale / crop; None keeps the native size
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    crop: tuple[int, int] | None = None  # (H, W) random crop; None keeps the whole (resized) image
+    hflip: bool = True
+    photometric: bool = True
+    batch_size: int = 8  # per process
+    num_workers: int = 2
+    val_resize: tuple[int, int] | None = None  # (H, W) of the image fed to the model; labels keep their size
+    val_batch_size: int = 4
+    on_error: str = choices("raise", "skip", default="raise", help="bad files: stop, or skip with a warning")
+    synthetic: dict[str, Any] = field(default_factory=dict)  # options of the built-in benchmark (size, length, seed)
+
+    def validate(self) -> None:
+        from sfdaseg.data.datasets import parse_dataset_spec
+
+        for key in ("train", "val"):
+            spec = getattr(self, key)
+            if spec is not None:
+                try:
+                    parse_dataset_spec(spec)
+                except ValueError as e:
+                    raise ConfigError(f"data.{key}: {e}") from None
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.val_batch_size", self.val_batch_size)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.scale_range: expected 0 < min <= max, got {list(self.scale_range)}")
+        for key in ("resize", "crop", "val_resize"):
+            size = getattr(self, key)
+            if size is not None and min(size) <= 0:
+                raise ConfigError(f"data.{key}: expected positive (H, W), got {list(size)}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = choices("sgd", "adamw", default="adamw")
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0  # DAFormer/SegFormer convention: the decoder learns 10x faster
+    no_decay_norm_bias: bool = True  # no weight decay on norm weights and biases (1-D parameters)
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6  # LR at step 0 = lr * warmup_ratio, rising linearly to lr
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    grad_clip: float | None = None  # max global grad norm; None: no clipping
+    fused: bool = False  # fused optimizer kernels (CUDA only)
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        if self.weight_decay < 0 or self.warmup_iters < 0 or self.poly_power < 0:
+            raise ConfigError("optim.weight_decay, optim.warmup_iters and optim.poly_power must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip: expected a positive norm or null, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1000
+    accumulate: int = 1  # micro-batches per optimizer step
+    amp: str = choices("fp32", "bf16", "fp16", default="fp32")
+    channels_last: bool = False
+    sync_bn: bool = False  # SyncBatchNorm under DDP
+    compile: bool = False  # torch.compile the trainable models
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 20
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0: evaluate at the end only
+    out: str = "runs/train"
+    resume: bool = False
+    on_nan: str = choices("stop", "skip", default="stop", help="non-finite loss: stop (keep last checkpoint) or skip the step")
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.iters <= 0:
+            raise ConfigError(f"train.iters: expected a positive number of iterations, got {self.iters}")
+        _positive("train.accumulate", self.accumulate)
+        _positive("train.log_every", self.log_every)
+        _positive("train.ckpt_every", self.ckpt_every)
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every: expected >= 0, got {self.eval_every}")
+
+
+@dataclass
+class EvalConfig:
+    protocol: int | None = None  # 19 / 16 / 13 (subsets of the Cityscapes trainIds); None: all model classes
+    mode: str = choices("whole", "slide", default="whole")
+    crop: tuple[int, int] | None = None  # sliding window (H, W)
+    stride: tuple[int, int] | None = None
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    amp: str = choices("fp32", "bf16", "fp16", default="fp32")
+
+    def validate(self) -> None:
+        from sfdaseg.data.classes import PROTOCOLS
+
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ConfigError(f"eval.protocol: expected one of {', '.join(map(str, PROTOCOLS))} or null, got {self.protocol}")
+        if self.mode == "slide" and (self.crop is None or self.stride is None):
+            raise ConfigError("eval.crop and eval.stride: both are needed for eval.mode=slide, e.g. eval.crop=[512,512] eval.stride=[341,341]")
+        if not self.scales or min(self.scales) <= 0:
+            raise ConfigError(f"eval.scales: expected positive scales, got {list(self.scales)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: expected a positive value, got {value}")
+
+
+def validate_sections(cfg: Any) -> None:
+    """Call ``validate()`` of every section that has one."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        fn = getattr(v, "validate", None)
+        if is_dataclass(v) and fn is not None:
+            try:
+                fn()
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(f"{f.name}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One config per command.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSourceConfig:
+    """``sfdaseg train-source``: supervised training on a labelled dataset."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        validate_sections(self)
+
+
+@dataclass
+class EvaluateConfig:
+    """``sfdaseg evaluate``: mIoU of a checkpoint on a labelled split."""
+
+    checkpoint: str = ""
+    data: str = "synthetic:target:val"
+    resize: tuple[int, int] | None = None  # (H, W) of the model input; labels keep their size
+    batch_size: int = 4
+    num_workers: int = 2
+    device: str = "auto"
+    json: str | None = None
+    on_error: str = choices("raise", "skip", default="raise")
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        from sfdaseg.data.datasets import parse_dataset_spec
+
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH)")
+        if not Path(self.checkpoint).is_file():
+            raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
+        try:
+            parse_dataset_spec(self.data)
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+        _positive("batch_size", self.batch_size)
+        self.eval.validate()
+
+
+@dataclass
+class DemoConfig:
+    """``sfdaseg demo``: the whole story on the built-in benchmark, on a CPU in minutes."""
+
+    out: str = "runs/demo"
+    quick: bool = False  # a much shorter run, for a smoke test
+    model: str = "tiny"
+    iters: int = 1500
+    batch_size: int = 8
+    size: tuple[int, int] = (128, 256)  # (H, W) of the built-in benchmark
+    train_length: int = 1000
+    val_length: int = 200
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _positive("iters", self.iters)
+        _positive("batch_size", self.batch_size)

@@ -1,0 +1,47 @@
+"""Pieces that several run functions share: datasets from a config, a sharded evaluation loader."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from sfdaseg.data.datasets import build_dataset, parse_dataset_spec
+from sfdaseg.data.transforms import build_eval_transform, collate
+from sfdaseg.engine.distributed import ShardSampler, get_dist_info
+
+
+def dataset_from_spec(spec: str, *, with_labels: bool, transform=None, on_error: str = "raise",
+                      synthetic: dict[str, Any] | None = None):
+    """``build_dataset`` with the built-in benchmark's options passed only to the built-in benchmark."""
+    kind = parse_dataset_spec(spec).kind
+    options = dict(synthetic or {}) if kind == "synthetic" else None
+    return build_dataset(spec, with_labels=with_labels, transform=transform, on_error=on_error, options=options)
+
+
+def eval_loader(spec: str, *, resize: tuple[int, int] | None, batch_size: int, num_workers: int,
+                on_error: str = "raise", synthetic: dict[str, Any] | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """A labelled evaluation loader; under DDP each rank reads a disjoint shard (the metric is reduced once)."""
+    ds = dataset_from_spec(spec, with_labels=True, transform=build_eval_transform(resize=resize),
+                           on_error=on_error, synthetic=synthetic)
+    info = get_dist_info()
+    return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank=info.rank,
+                                                                      world_size=info.world_size),
+                      num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory)
+
+
+def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, device: torch.device, eval_cfg,
+                   progress: bool = False) -> dict[str, Any]:
+    """Metrics of ``model`` on ``loader`` as a JSON-ready dict (``miou``, ``per_class_iou``, ...)."""
+    from sfdaseg.evaluation import evaluate
+
+    classes = loader.dataset.classes
+    metrics = evaluate(
+        model, loader, device=device, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
+        protocol=eval_cfg.protocol, class_names=classes.names, mode=eval_cfg.mode, crop=eval_cfg.crop,
+        stride=eval_cfg.stride, flip=eval_cfg.flip, scales=tuple(eval_cfg.scales), amp=eval_cfg.amp,
+        progress=progress,
+    )
+    return metrics

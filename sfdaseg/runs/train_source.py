@@ -1,0 +1,56 @@
+"""``sfdaseg train-source``: supervised training of any registered model on any labelled dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sfdaseg.config import ConfigError, TrainSourceConfig, to_dict
+from sfdaseg.data.transforms import build_train_transform, collate
+from sfdaseg.engine.checkpoint import save_model
+from sfdaseg.engine.distributed import barrier, init_distributed
+from sfdaseg.engine.rundir import prepare_run_dir
+from sfdaseg.engine.trainer import Trainer, log
+from sfdaseg.methods.source import SupervisedSegmentation
+from sfdaseg.models import build_model
+from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
+
+
+def run_train_source(cfg: TrainSourceConfig) -> Path:
+    """Train, evaluate on ``data.val`` (if given) and return the path of ``model.ckpt``."""
+    dist_info, device = init_distributed(cfg.train.device)
+    if dist_info.is_main:
+        run_dir = prepare_run_dir(cfg.train.out, cfg=cfg, resume=cfg.train.resume, command="train-source")
+    barrier()
+    run_dir = Path(cfg.train.out)
+
+    d = cfg.data
+    transform = build_train_transform(resize=d.resize, scale_range=tuple(d.scale_range), crop=d.crop,
+                                      hflip=d.hflip, photometric=d.photometric)
+    train_ds = dataset_from_spec(d.train, with_labels=True, transform=transform, on_error=d.on_error,
+                                 synthetic=d.synthetic)
+    classes = train_ds.classes
+    model = build_model(cfg.model.name, num_classes=classes.num_classes, weights=cfg.model.weights,
+                        **cfg.model.options)
+    log(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"train set {d.train}: {len(train_ds)} images, {classes.num_classes} classes; device {device}",
+        dist_info=dist_info)
+
+    evaluate = None
+    if d.val is not None:
+        loader = eval_loader(d.val, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
+                             on_error=d.on_error, synthetic=d.synthetic, pin_memory=device.type == "cuda")
+        if loader.dataset.classes.num_classes != classes.num_classes:
+            raise ConfigError(f"data.val: {d.val} has {loader.dataset.classes.num_classes} classes, the training "
+                              f"set {d.train} has {classes.num_classes}")
+
+        def evaluate(m):
+            return evaluate_model(m, loader, device=device, eval_cfg=cfg.eval).to_dict()
+
+    config = to_dict(cfg)
+    trainer = Trainer(
+        SupervisedSegmentation(model, ignore_index=classes.ignore_index), train_ds,
+        train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size, num_workers=d.num_workers,
+        device=device, dist_info=dist_info, run_dir=run_dir, evaluate=evaluate, config=config,
+        save_model=lambda path, m: save_model(path, m, classes=classes, config=config), collate_fn=collate,
+    )
+    return trainer.train(resume=cfg.train.resume)

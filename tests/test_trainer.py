@@ -1,0 +1,140 @@
+"""The training loop: schedule, resume equality, gradient accumulation, non-finite losses, DDP on 2 CPU processes."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from sfdaseg.config import OptimConfig, TrainSourceConfig, load_config
+from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.engine.trainer import NonFiniteLossError, lr_factor
+from sfdaseg.methods.source import SupervisedSegmentation
+from sfdaseg.runs.train_source import run_train_source
+
+SMALL = [
+    "model.name=tiny", "model.options={width: 8, dropout: 0.0}",
+    "data.train=synthetic:source:train", "data.val=null", "data.synthetic={size: [32, 64], length: 16}",
+    "data.crop=[32,64]", "data.scale_range=[1.0,1.0]", "data.batch_size=4", "data.num_workers=0",
+    "optim.lr=0.01", "train.device=cpu", "train.progress=false", "train.tensorboard=false", "train.log_every=1",
+]
+
+
+def small_cfg(tmp_path, name, *extra):
+    return load_config(TrainSourceConfig, overrides=[*SMALL, f"train.out={tmp_path / name}", *extra])
+
+
+def weights(path):
+    return load_model(path)[0].state_dict()
+
+
+def test_lr_schedule_warmup_and_poly():
+    cfg = OptimConfig(lr=1.0, warmup_iters=10, warmup_ratio=0.0, poly_power=1.0)
+    assert lr_factor(0, total=100, cfg=cfg) == 0.0
+    assert lr_factor(5, total=100, cfg=cfg) == pytest.approx(0.5 * 0.95)
+    assert lr_factor(50, total=100, cfg=cfg) == pytest.approx(0.5)
+    assert lr_factor(100, total=100, cfg=cfg) == 0.0
+    cfg = OptimConfig(lr=1.0, poly_power=0.9, min_lr=0.1)
+    assert lr_factor(100, total=100, cfg=cfg) == pytest.approx(0.1)
+
+
+def test_head_lr_multiplier_and_no_decay(tmp_path):
+    from sfdaseg.engine.trainer import build_param_groups
+    from sfdaseg.models import build_model
+
+    model = build_model("tiny", num_classes=5, width=8)
+    groups = build_param_groups({"model": model}, OptimConfig(lr=0.1, head_lr_mult=10.0, weight_decay=0.01))
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["model/head"]["lr"] == pytest.approx(1.0)
+    assert by_name["model/backbone"]["lr"] == pytest.approx(0.1)
+    assert all(g["weight_decay"] == 0.0 for n, g in by_name.items() if n.endswith("no_decay"))
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(model.parameters()))
+
+
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    full = run_train_source(small_cfg(tmp_path, "full", "train.iters=6", "train.ckpt_every=3"))
+
+    original = SupervisedSegmentation.training_step
+
+    def interrupted(self, batch, step):
+        if step == 4:
+            raise KeyboardInterrupt  # as if the job were stopped between checkpoints
+        return original(self, batch, step)
+
+    monkeypatch.setattr(SupervisedSegmentation, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_source(small_cfg(tmp_path, "cut", "train.iters=6", "train.ckpt_every=3"))
+    assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "model.ckpt").exists()
+    monkeypatch.setattr(SupervisedSegmentation, "training_step", original)
+    resumed = run_train_source(small_cfg(tmp_path, "cut", "train.iters=6", "train.ckpt_every=3", "train.resume=true"))
+
+    a, b = weights(full), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+
+
+def test_existing_run_folder_is_refused(tmp_path):
+    from sfdaseg.config import ConfigError
+
+    run_train_source(small_cfg(tmp_path, "r", "train.iters=1"))
+    before = (tmp_path / "r" / "model.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_train_source(small_cfg(tmp_path, "r", "train.iters=1"))
+    assert (tmp_path / "r" / "model.ckpt").read_bytes() == before
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    """2 micro-batches of 2 == 1 batch of 4 (same samples, same augmentation; no BN in this model variant)."""
+    big = run_train_source(small_cfg(tmp_path, "big", "train.iters=3", "model.options={width: 8, dropout: 0.0, norm: gn}"))
+    acc = run_train_source(small_cfg(tmp_path, "acc", "train.iters=3", "data.batch_size=2", "train.accumulate=2",
+                                     "model.options={width: 8, dropout: 0.0, norm: gn}"))
+    a, b = weights(big), weights(acc)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    original = SupervisedSegmentation.training_step
+
+    def nan_at_3(self, batch, step):
+        out = original(self, batch, step)
+        if step == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SupervisedSegmentation, "training_step", nan_at_3)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        run_train_source(small_cfg(tmp_path, "nan", "train.iters=6", "train.ckpt_every=2", "train.log_every=2"))
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values() if v.is_floating_point())
+
+    skipped = run_train_source(small_cfg(tmp_path, "skip", "train.iters=6", "train.on_nan=skip"))
+    assert all(torch.isfinite(v).all() for v in weights(skipped).values() if v.is_floating_point())
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, cli_env, python):
+    """2 gloo ranks x batch 2 == 1 process x batch 4: ranks end identical, and equal the single run within tolerance."""
+    common = [a for a in SMALL if not a.startswith("data.batch_size")] + [
+        "model.options={width: 8, dropout: 0.0, norm: gn}", "train.iters=4", "train.ckpt_every=2"]
+    ddp = subprocess.run(
+        [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sfdaseg",
+         "train-source", *common, "data.batch_size=2", f"train.out={tmp_path / 'ddp'}"],
+        env=cli_env, capture_output=True, text=True, timeout=280,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.strip().splitlines()[-1] == str(tmp_path / "ddp" / "model.ckpt")
+    single = run_train_source(load_config(TrainSourceConfig, overrides=[*common, "data.batch_size=4",
+                                                                        f"train.out={tmp_path / 'single'}"]))
+    records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    replica = [r["replica_max_abs_diff"] for r in records if "replica_max_abs_diff" in r]
+    assert replica == [0.0], "the two ranks ended with different weights"
+    a, b = weights(tmp_path / "ddp" / "model.ckpt"), weights(single)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
