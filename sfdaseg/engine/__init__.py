@@ -1,0 +1,1 @@
+"""Training engine: the training loop, checkpoints, distributed helpers and run folders."""

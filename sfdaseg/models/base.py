@@ -1,0 +1,345 @@
+"""The common base of every segmentation model, input normalisation, and checked weight loading.
+
+A :class:`SegmentationModel` maps float RGB images in ``[0, 1]`` to logits at ``1 / output_stride`` of the
+input size and, on request, to the features its final classifier consumes::
+
+    x (B, 3, H, W) --normalize--> backbone + head --> features (B, D, H/s, W/s)
+      --classifier = Dropout2d(p) + Conv2d(D, C, 1)--> logits (B, C, H/s, W/s)
+
+The split between ``extract`` and ``classify`` is what MC-dropout and prototype-based methods need: they
+sample or inspect only the last, cheap step. Nothing here upsamples to the input size: callers do it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("sfdaseg.models")
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model: wrong architecture, wrong number of classes, unknown file layout."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel input normalisation ``(x * 255 - mean) / std``.
+
+    Attributes:
+        mean: per-channel mean in 0..255 units, in the model's channel order (BGR when ``bgr``).
+        std: per-channel standard deviation in 0..255 units, same order.
+        bgr: the model expects BGR input (Caffe-trained weights); the RGB input is flipped first.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    bgr: bool = False
+
+    def __post_init__(self) -> None:
+        mean = tuple(float(v) for v in self.mean)
+        std = tuple(float(v) for v in self.std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"Normalization: expected 3 mean and 3 std values, got mean={mean}, std={std}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"Normalization.std: expected positive values, got {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "bgr", bool(self.bgr))
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "bgr": self.bgr}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Normalization":
+        try:
+            return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), bgr=bool(d.get("bgr", False)))
+        except KeyError as e:
+            raise ValueError(f"Normalization: missing key {e.args[0]!r} in {dict(d)}") from None
+
+    @classmethod
+    def resolve(cls, value: "str | Mapping | Normalization") -> "Normalization":
+        """A preset name (``"imagenet"``, ``"caffe"``), a ``to_dict()`` mapping, or a Normalization."""
+        if isinstance(value, Normalization):
+            return value
+        if isinstance(value, str):
+            try:
+                return NORMALIZATIONS[value.lower()]
+            except KeyError:
+                raise ValueError(
+                    f"normalization: unknown preset {value!r}; choices: {sorted(NORMALIZATIONS)} "
+                    "or a mapping with 'mean', 'std' (0..255 units) and 'bgr'"
+                ) from None
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise TypeError(f"normalization: expected a preset name, a mapping or a Normalization, got {type(value)}")
+
+    def to_plain(self) -> str | dict:
+        """The preset name when this is a preset (short, readable build args), else ``to_dict()``."""
+        for key, preset in NORMALIZATIONS.items():
+            if preset == self:
+                return key
+        return self.to_dict()
+
+
+# torchvision / timm / Hugging Face ImageNet statistics (RGB).
+IMAGENET = Normalization(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), bgr=False)
+# The original Caffe DeepLab / ResNet-101 weights: BGR, mean subtraction only.
+CAFFE = Normalization(mean=(104.008, 116.669, 122.679), std=(1.0, 1.0, 1.0), bgr=True)
+NORMALIZATIONS: dict[str, Normalization] = {"imagenet": IMAGENET, "caffe": CAFFE}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model base class
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_classifier(feature_dim: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """``Dropout2d(p) + Conv2d(D, C, 1)``; the weight starts small (N(0, 0.01)) as in DeepLab and mmseg heads."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    conv = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
+    nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(nn.Dropout2d(p=dropout), conv)
+
+
+class SegmentationModel(nn.Module):
+    """Base class: normalisation, the ``extract`` / ``classify`` split, parameter groups, checkpoint hooks.
+
+    Subclasses set ``self.backbone`` (the part that gets the backbone learning rate) and implement
+    :meth:`forward_features` on *normalised* input. Everything that is not in ``self.backbone`` is "head".
+
+    Attributes:
+        name: registry name (``build_model(name, **build_args)`` rebuilds the architecture).
+        num_classes: ``C``, the classifier's output channels.
+        feature_dim: ``D``, the classifier's input channels.
+        output_stride: ``s``; logits and features are ``(H/s, W/s)`` (rounded up for odd sizes).
+        build_args: plain keyword arguments of the builder, ``num_classes`` included.
+        normalization: the :class:`Normalization` applied inside :meth:`extract`.
+        classifier: ``nn.Sequential(nn.Dropout2d(p), nn.Conv2d(D, C, 1))``.
+    """
+
+    backbone: nn.Module
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        num_classes: int,
+        feature_dim: int,
+        output_stride: int,
+        normalization: str | Mapping | Normalization,
+        dropout: float,
+        build_args: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.num_classes = int(num_classes)
+        self.feature_dim = int(feature_dim)
+        self.output_stride = int(output_stride)
+        self.build_args = {**dict(build_args), "num_classes": self.num_classes}
+        self.classifier = make_classifier(self.feature_dim, self.num_classes, dropout)
+        # Non-persistent buffers: they follow .to(device) but stay out of state dicts (the checkpoint stores
+        # the normalisation as plain metadata instead).
+        self.register_buffer("_norm_scale", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_norm_shift", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.normalization = IMAGENET
+        self.set_normalization(normalization)
+
+    # -- normalisation ------------------------------------------------------------------------------------------
+
+    def set_normalization(self, normalization: str | Mapping | Normalization) -> None:
+        """Replace the input normalisation (keeps the buffers' device and dtype)."""
+        norm = Normalization.resolve(normalization)
+        mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std, dtype=torch.float64).view(1, 3, 1, 1)
+        # x01 * 255 / std - mean / std == (x01 * 255 - mean) / std, folded into one multiply-add.
+        with torch.no_grad():
+            self._norm_scale.copy_(255.0 / std)
+            self._norm_shift.copy_(-mean / std)
+        self.normalization = norm
+        self.build_args["normalization"] = norm.to_plain()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB ``[0, 1]`` float ``(B, 3, H, W)`` -> the model's input space (channel flip for BGR models)."""
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.name}: expected float RGB input in [0, 1], got dtype {x.dtype}; "
+                "convert uint8 batches with sfdaseg.data.transforms.to_model_input"
+            )
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"{self.name}: expected input of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if self.normalization.bgr:
+            x = x.flip(1)
+        return x * self._norm_scale + self._norm_shift
+
+    # -- forward --------------------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input ``(B, 3, H, W)`` -> features ``(B, D, H/s, W/s)``. Implemented by subclasses."""
+        raise NotImplementedError
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB ``[0, 1]`` ``(B, 3, H, W)`` -> features ``(B, D, H/s, W/s)`` (normalisation included)."""
+        return self.forward_features(self.normalize(x))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, D, h, w)`` -> logits ``(B, C, h, w)`` (dropout active in train mode only)."""
+        return self.classifier(features)
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RGB ``[0, 1]`` ``(B, 3, H, W)`` -> logits ``(B, C, H/s, W/s)``, or ``(logits, features)``."""
+        features = self.extract(x)
+        logits = self.classify(features)
+        return (logits, features) if return_features else logits
+
+    # -- parameters -------------------------------------------------------------------------------------------
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"backbone": [...], "head": [...]}``: every parameter exactly once (frozen ones included)."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
+        for p in self.parameters():  # deduplicated by nn.Module
+            groups["backbone" if id(p) in backbone_ids else "head"].append(p)
+        return groups
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh ``C``-way classifier (same dropout, device and dtype); the rest is kept."""
+        old_conv = self.classifier[1]
+        self.classifier = make_classifier(self.feature_dim, num_classes, float(self.classifier[0].p))
+        self.classifier.to(device=old_conv.weight.device, dtype=old_conv.weight.dtype)
+        self.num_classes = int(num_classes)
+        self.build_args["num_classes"] = self.num_classes
+
+    # -- checkpoint hooks -------------------------------------------------------------------------------------
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict written to checkpoints (subclasses may rename keys into a version-stable layout)."""
+        return self.state_dict()
+
+    def load_checkpoint_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, source: str | Path) -> None:
+        """Strictly load a state dict written by :meth:`checkpoint_state_dict`; errors name ``source``."""
+        load_state_dict_checked(self, state_dict, source=source, expected=f"a state dict of model {self.name!r}")
+
+    def load_foreign_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, source: str | Path) -> None:
+        """Load a state dict that is not an sfdaseg checkpoint (subclasses convert known layouts)."""
+        self.load_checkpoint_state_dict(state_dict, source=source)
+
+    def load_pretrained_folder(self, path: Path) -> None:
+        """Load weights from a folder (Hugging Face layout); only some models support it."""
+        raise WeightsError(
+            f"{path} is a folder, but model {self.name!r} loads weights from a file "
+            "(an sfdaseg checkpoint or a state dict); only segformer_* models read a Hugging Face folder"
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
+            f"output_stride={self.output_stride}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checked loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _short_list(items: Iterable[str], limit: int = 8) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return f"{shown}, ... ({len(items)} in all)" if len(items) > limit else shown
+
+
+def load_state_dict_checked(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str | Path,
+    expected: str,
+    error: type[Exception] = WeightsError,
+    skip_prefixes: tuple[str, ...] = (),
+) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with an error that names the file and the keys.
+
+    Raises ``error`` listing missing keys, unexpected keys and shape mismatches (file shape vs model shape).
+    Keys of the module starting with ``skip_prefixes`` are not expected in ``state_dict`` (loaded elsewhere).
+    """
+    own = {k: v for k, v in module.state_dict().items() if not (skip_prefixes and k.startswith(skip_prefixes))}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != own[k].shape
+    ]
+    not_tensors = [k for k in own if k in state_dict and not isinstance(state_dict[k], torch.Tensor)]
+    if missing or unexpected or mismatched or not_tensors:
+        parts = [f"{source}: the weights do not fit {expected}."]
+        if mismatched:
+            parts.append(f"Shape mismatches: {_short_list(mismatched, 5)}.")
+        if missing:
+            parts.append(f"Missing keys: {_short_list(missing)}.")
+        if unexpected:
+            parts.append(f"Unexpected keys: {_short_list(unexpected)}.")
+        if not_tensors:
+            parts.append(f"Not tensors: {_short_list(not_tensors)}.")
+        raise error(" ".join(parts))
+    module.load_state_dict(state_dict, strict=not skip_prefixes)
+
+
+def check_num_classes(found: int, expected: int, *, source: str | Path) -> None:
+    if int(found) != int(expected):
+        raise WeightsError(
+            f"{source}: the weights have {found} classes but the model was asked for num_classes={expected}"
+        )
+
+
+def load_weights(model: SegmentationModel, weights: str | Path) -> None:
+    """Load local ``weights`` into ``model``: an sfdaseg checkpoint, a state dict file, or a folder.
+
+    * sfdaseg checkpoint: same model name and number of classes, loaded strictly; its normalisation is adopted.
+    * a folder: :meth:`SegmentationModel.load_pretrained_folder` (Hugging Face layout, SegFormer only).
+    * any other file: a state dict (torch or safetensors), converted by
+      :meth:`SegmentationModel.load_foreign_state_dict` (torchvision layouts, ...).
+
+    Nothing is downloaded: ``weights`` must exist on disk.
+    """
+    from sfdaseg.engine import checkpoint as ckpt  # lazy: the checkpoint module imports the factory
+
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"weights not found: {path} (weights are local files or folders; nothing is downloaded)"
+        )
+    if path.is_dir():
+        model.load_pretrained_folder(path)
+        return
+    obj = ckpt.safe_load(path)
+    if ckpt.is_sfdaseg_checkpoint(obj):
+        info = ckpt.CheckpointInfo.from_checkpoint(obj, path=path)
+        if info.name != model.name:
+            raise WeightsError(
+                f"{path} is a checkpoint of model {info.name!r}, but model {model.name!r} was requested"
+            )
+        check_num_classes(info.num_classes, model.num_classes, source=path)
+        model.load_checkpoint_state_dict(obj["state_dict"], source=path)
+        if info.normalization != model.normalization:
+            logger.info("%s: using the checkpoint's input normalisation %s", path, info.normalization)
+            model.set_normalization(info.normalization)
+        return
+    model.load_foreign_state_dict(ckpt.unwrap_state_dict(obj, source=path), source=path)
