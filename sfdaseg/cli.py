@@ -8,6 +8,7 @@ checkpoint prints its path as the last line of stdout, so ``ckpt=$(sfdaseg train
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -215,20 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sfdaseg.data.datasets import DatasetError
     from sfdaseg.engine.checkpoint import CheckpointError
+    from sfdaseg.models import WeightsError
 
     try:
         for o in ns.overrides:
             parse_override(o)  # a stray word gets "expected key=value" before any work starts
         cfg = load_config(cmd.config_cls, file=ns.config, flags=_flag_values(cmd, ns), overrides=ns.overrides)
         result = cmd.run(cfg)
-    except (ConfigError, DatasetError, CheckpointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, WeightsError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun with --resume (or resume=true) to continue", file=sys.stderr)
         return 130
-    if result is not None:
-        print(result, flush=True)  # the checkpoint path, last line of stdout
+    if result is not None and os.environ.get("RANK", "0") == "0":
+        print(result, flush=True)  # the checkpoint path, last line of stdout (once, from rank 0 under torchrun)
     return 0
 
 

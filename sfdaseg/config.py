@@ -308,6 +308,16 @@ class ModelConfig:
             )
         if self.weights is not None and not Path(self.weights).exists():
             raise ConfigError(f"{prefix}.weights: no such file or folder: {self.weights}")
+        from sfdaseg.models import model_options
+
+        accepted = model_options(self.name)
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{prefix}.options: model '{self.name}' has no option(s) {', '.join(unknown)}; its options: "
+                + ", ".join(f"{k} (default {v!r})" for k, v in accepted.items())
+                + _suggest(unknown[0], list(accepted))
+            )
 
 
 @dataclass

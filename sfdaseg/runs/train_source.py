@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sfdaseg.config import ConfigError, TrainSourceConfig, to_dict
 from sfdaseg.data.transforms import build_train_transform, collate
 from sfdaseg.engine.checkpoint import save_model
@@ -29,6 +31,7 @@ def run_train_source(cfg: TrainSourceConfig) -> Path:
     train_ds = dataset_from_spec(d.train, with_labels=True, transform=transform, on_error=d.on_error,
                                  synthetic=d.synthetic)
     classes = train_ds.classes
+    torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed (and on every rank)
     model = build_model(cfg.model.name, num_classes=classes.num_classes, weights=cfg.model.weights,
                         **cfg.model.options)
     log(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
