@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
+    "MASK_KEYS",
     "PairedTransform",
     "RandomScale",
     "Resize",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+# Sample keys that are per-pixel maps of the image (labels, offline pseudo-labels and their confidence): the
+# paired transforms move them with the image like a mask.
+MASK_KEYS = ("mask", "pl_label", "pl_conf")
 
 
 def _size(value: Sequence[int] | None, what: str) -> tuple[int, int] | None:
@@ -96,7 +100,9 @@ class RandomScale(_ResizeBoth):
 class PairedTransform:
     """Applies a transforms-v2 pipeline to a sample dict and returns plain uint8 tensors.
 
-    ``mask_too=False`` keeps the mask untouched (evaluation at the label's native size).
+    Every key of :data:`MASK_KEYS` present in the sample (the label ``"mask"`` and the offline pseudo-label maps
+    ``"pl_label"`` / ``"pl_conf"``) is treated as a mask: same geometry as the image, nearest resampling, padding
+    255. ``mask_too=False`` keeps them untouched (evaluation at the label's native size).
     """
 
     def __init__(self, pipeline: Callable[[Any], Any], *, mask_too: bool = True) -> None:
@@ -108,15 +114,17 @@ class PairedTransform:
         if "image" not in out:
             raise KeyError("sample has no 'image' key")
         out["image"] = tv_tensors.Image(out["image"])
-        if self.mask_too and out.get("mask") is not None:
-            out["mask"] = tv_tensors.Mask(out["mask"])
+        keys = [k for k in MASK_KEYS if out.get(k) is not None]
+        if self.mask_too:
+            for k in keys:
+                out[k] = tv_tensors.Mask(out[k])
             out = self.pipeline(out)
-            out["mask"] = out["mask"].as_subclass(torch.Tensor)
+            for k in keys:
+                out[k] = out[k].as_subclass(torch.Tensor)
         else:
-            mask = out.pop("mask", None)
+            kept = {k: out.pop(k) for k in keys}
             out = self.pipeline(out)
-            if mask is not None:
-                out["mask"] = mask
+            out.update(kept)
         out["image"] = out["image"].as_subclass(torch.Tensor)
         return out
 
