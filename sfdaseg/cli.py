@@ -14,7 +14,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sfdaseg.config import ConfigError, DemoConfig, EvaluateConfig, TrainSourceConfig, load_config, parse_override
+from sfdaseg.config import (AdaptConfig, ConfigError, DemoConfig, EvaluateConfig, TrainSourceConfig, load_config,
+                            parse_override)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ def _run_train_source(cfg):
     from sfdaseg.runs.train_source import run_train_source
 
     return run_train_source(cfg)
+
+
+def _run_adapt(cfg):
+    from sfdaseg.runs.adapt import run_adapt
+
+    return run_adapt(cfg)
 
 
 def _run_evaluate(cfg):
@@ -99,14 +106,22 @@ COMMANDS: dict[str, Command] = {
             "adapt", "source-free adaptation with a recipe (STvM, DiGA-SF, DUDA, UniSFDA, SFDA-Liu, baselines)",
             """\
             sfdaseg adapt --recipe stvm --checkpoint runs/src/model.ckpt --target synthetic:target:train \\
-                --val synthetic:target:val --iters 2000 --out runs/stvm""",
-            flags=(Flag(("--recipe",), "recipe", "recipe name", metavar="NAME"),
+                --val synthetic:target:val --iters 2000 --out runs/stvm
+            sfdaseg adapt --config configs/adapt/diga_sf_segformer_b5.yaml checkpoint=src.ckpt \\
+                data.target=cityscapes:/data/cs:train data.val=cityscapes:/data/cs:val
+            sfdaseg adapt --recipe selftrain --checkpoint src.ckpt --target folder:/data/new_city \\
+                method.policy=class_balanced method.percentile=20 export=student""",
+            flags=(Flag(("--recipe",), "recipe", "recipe name: selftrain | stvm | diga_sf", metavar="NAME"),
                    Flag(("--checkpoint",), "checkpoint", "source model checkpoint", metavar="CKPT"),
-                   Flag(("--target",), "target", "unlabelled target images KIND:ROOT[:SPLIT]", metavar="DS"),
-                   Flag(("--val",), "val", "labelled validation split (evaluation only)", metavar="DS"),
-                   Flag(("--iters",), "iters", "optimizer steps", metavar="N"),
-                   Flag(("--out",), "out", "run folder", metavar="DIR")),
-            pending_issue=4,
+                   Flag(("--target",), "data.target", "unlabelled target images KIND:ROOT[:SPLIT]", metavar="DS"),
+                   Flag(("--val",), "data.val", "labelled validation split (evaluation at the end only)",
+                        metavar="DS"),
+                   Flag(("--iters",), "train.iters", "optimizer steps", metavar="N"),
+                   Flag(("--out",), "train.out", "run folder", metavar="DIR"),
+                   Flag(("--device",), "train.device", "auto | cpu | cuda | cuda:N"),
+                   Flag(("--seed",), "train.seed", "random seed", metavar="N"),
+                   Flag(("--resume",), "train.resume", "continue the run in --out", switch=True)),
+            config_cls=AdaptConfig, run=_run_adapt,
         ),
         Command(
             "distill", "distil one or several adapted teachers into an efficient student",

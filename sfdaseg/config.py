@@ -519,3 +519,72 @@ class DemoConfig:
     def validate(self) -> None:
         _positive("iters", self.iters)
         _positive("batch_size", self.batch_size)
+
+
+@dataclass
+class AdaptDataConfig:
+    target: str = "synthetic:target:train"  # unlabelled target images: labels are never opened
+    val: str | None = None  # labelled target split, for evaluation at the end only (never for training or selection)
+    val_extra: list[str] = field(default_factory=list)  # more labelled splits evaluated at the end (e.g. a shift domain)
+    resize: tuple[int, int] | None = None  # (H, W) before random scale / crop
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    crop: tuple[int, int] | None = None
+    hflip: bool = True
+    batch_size: int = 4
+    num_workers: int = 2
+    cache_dir: str | None = None  # offline pseudo-label cache; None: $SFDASEG_CACHE or ~/.cache/sfdaseg
+    val_resize: tuple[int, int] | None = None
+    val_batch_size: int = 4
+    on_error: str = choices("raise", "skip", default="raise")
+    synthetic: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from sfdaseg.data.datasets import parse_dataset_spec
+
+        for key, spec in [("target", self.target), ("val", self.val)] + [
+                (f"val_extra[{i}]", s) for i, s in enumerate(self.val_extra)]:
+            if spec is not None:
+                try:
+                    parse_dataset_spec(spec)
+                except ValueError as e:
+                    raise ConfigError(f"data.{key}: {e}") from None
+        _positive("data.batch_size", self.batch_size)
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.scale_range: expected 0 < min <= max, got {list(self.scale_range)}")
+
+
+@dataclass
+class AdaptConfig:
+    """``sfdaseg adapt``: source-free adaptation of a source checkpoint to unlabelled target images."""
+
+    recipe: str = "selftrain"
+    checkpoint: str = ""  # the source model (an sfdaseg checkpoint)
+    export: str = choices("teacher", "student", default="teacher",
+                          help="which model the run delivers (recipes without a teacher deliver the student)")
+    method: dict[str, Any] = field(default_factory=dict)  # the recipe's hyper-parameters (checked by the recipe)
+    data: AdaptDataConfig = field(default_factory=AdaptDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=0.01))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/adapt"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        from sfdaseg.methods import RECIPES
+
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe: unknown recipe '{self.recipe}'; choices: {', '.join(RECIPES)}."
+                              f"{_suggest(self.recipe, list(RECIPES))}")
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH): the source model")
+        if not Path(self.checkpoint).is_file():
+            raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
+        from_dict(RECIPES[self.recipe].config_cls, self.method, source="the config", prefix="method.")
+        validate_sections(self)
+
+    def method_config(self) -> Any:
+        from sfdaseg.methods import RECIPES
+
+        cfg = from_dict(RECIPES[self.recipe].config_cls, self.method, source="the config", prefix="method.")
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        return cfg

@@ -34,3 +34,20 @@ def seg_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_inde
     w = valid if pixel_weight is None else valid * pixel_weight.to(ce.dtype)
     # clamp keeps an all-ignored batch at 0 instead of NaN, without a host-side check.
     return (ce * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, *,
+                       temperature: float = 1.0, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Distillation loss ``-sum_c p_t log softmax(z_s / T)``, averaged over pixels.
+
+    Args:
+        student_logits: ``(B, C, h, w)``, upsampled here to the teacher's size.
+        teacher_probs: ``(B, C, H, W)`` probabilities (already softened with the same temperature), no grad.
+        pixel_weight: optional ``(B, H, W)`` weights (weighted mean).
+    """
+    logits = resize_logits(student_logits, tuple(teacher_probs.shape[-2:])).float()
+    per_pixel = -(teacher_probs.float() * torch.log_softmax(logits / temperature, dim=1)).sum(1)
+    if pixel_weight is None:
+        return per_pixel.mean()
+    w = pixel_weight.float()
+    return (per_pixel * w).sum() / w.sum().clamp_min(1e-6)

@@ -30,7 +30,7 @@ def test_each_command_has_help_with_examples(name, capsys):
 
 
 def test_pending_commands_say_so(capsys):
-    assert main(["adapt", "--recipe", "stvm"]) == 2
+    assert main(["predict", "--images", "x"]) == 2
     assert "not available in this version yet" in capsys.readouterr().err
 
 

@@ -351,13 +351,19 @@ class Trainer:
             if do_log:
                 # Host sync, once per log interval: read the averaged logs and the non-finite flag together.
                 keys = list(log_sums)
-                values = torch.stack([log_sums[k] / log_count for k in keys] + [first_bad.float()]).tolist()
-                bad_step = int(values.pop())
+                parts = [torch.as_tensor(log_sums[k] / log_count).flatten() for k in keys]
+                flat = torch.cat(parts + [first_bad.float().flatten()]).tolist()
+                bad_step = int(flat.pop())
+                values, i = {}, 0
+                for k, p in zip(keys, parts):  # scalars stay floats, vector logs (class histograms) become lists
+                    n = p.numel()
+                    values[k] = flat[i] if log_sums[k].ndim == 0 else flat[i:i + n]
+                    i += n
                 if bad_step >= 0:
                     self._on_non_finite(bad_step, last_good_step, progress)
                 now = time.perf_counter()
                 elapsed = now - t_last
-                record = {"step": self.step, "lr": lr, **dict(zip(keys, values)),
+                record = {"step": self.step, "lr": lr, **values,
                           "images_per_s": steps_since * global_batch / max(elapsed, 1e-9),
                           "data_wait_frac": wait_time / max(elapsed, 1e-9)}
                 self._log_metrics(record)

@@ -1,0 +1,83 @@
+"""What the adaptation recipes share: the context they are built in, and a few step-level helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from sfdaseg.data.classes import ClassSpec
+
+
+@dataclass
+class AdaptContext:
+    """Everything a recipe may need to build its task.
+
+    Attributes:
+        model: the student, initialised from the source checkpoint, already on ``device``.
+        classes: the class space of the source model.
+        device: the training device.
+        export: ``"teacher"`` or ``"student"``: which model ``export_model()`` returns.
+        target: the unlabelled target dataset at native size, no transform (with ``pl_label``/``pl_conf`` when
+            the recipe asked for offline pseudo-labels); for set-up passes such as prototype initialisation.
+        run_dir: the run folder.
+    """
+
+    model: nn.Module
+    classes: ClassSpec
+    device: torch.device
+    export: str
+    target: Dataset | None = None
+    run_dir: Path | None = None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+class TeacherStudentTask:
+    """Plumbing shared by the EMA-teacher recipes: no loss lives here, and recipes never inherit from each other.
+
+    Holds the student (trained), its EMA teacher and any extra trainable modules; wraps the trainable ones when
+    the trainer asks; exports the student or the teacher; saves the teacher (and extra non-trainable state) for a
+    resume. Recipes call ``self.net(x)`` for the (possibly DDP-wrapped) student.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, *, export: str,
+                 extra_trainable: dict[str, nn.Module] | None = None) -> None:
+        self.student = model
+        self.teacher = teacher
+        self.export = export
+        self.extra = dict(extra_trainable or {})
+        self.net: nn.Module = model
+        self.wrapped: dict[str, nn.Module] = {}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student, **self.extra}
+
+    def wrap_trainable(self, wrap: Callable[[str, nn.Module], nn.Module]) -> None:
+        self.net = wrap("student", self.student)
+        self.wrapped = {k: wrap(k, m) for k, m in self.extra.items()}
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.teacher.update(self.student, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+
+    def export_model(self) -> nn.Module:
+        return self.teacher.module if self.export == "teacher" else self.student

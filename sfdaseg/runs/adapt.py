@@ -1,0 +1,114 @@
+"""``sfdaseg adapt``: source-free adaptation of a source checkpoint to unlabelled target images.
+
+Reads target *images* only: the target dataset is opened with ``with_labels=False``, so its mask files are
+never read. A labelled validation split, when given, is used once, at the end, for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfdaseg.config import AdaptConfig, ConfigError, to_dict
+from sfdaseg.data.transforms import build_eval_transform, build_train_transform, collate
+from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.engine.distributed import barrier, init_distributed
+from sfdaseg.engine.rundir import prepare_run_dir
+from sfdaseg.engine.trainer import Trainer, log
+from sfdaseg.methods import RECIPES
+from sfdaseg.methods.common import AdaptContext
+from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SFDASEG_CACHE", Path.home() / ".cache" / "sfdaseg")) / "pseudo_labels"
+
+
+def run_adapt(cfg: AdaptConfig) -> Path:
+    """Adapt, evaluate on ``data.val`` / ``data.val_extra`` when given, and return the path of ``model.ckpt``."""
+    method_cfg = cfg.method_config()
+    cfg = replace(cfg, method=to_dict(method_cfg))  # the resolved config records every recipe default
+    dist_info, device = init_distributed(cfg.train.device)
+    if dist_info.is_main:
+        prepare_run_dir(cfg.train.out, cfg=cfg, resume=cfg.train.resume, command="adapt")
+    barrier()
+    run_dir = Path(cfg.train.out)
+
+    model, info = load_model(cfg.checkpoint, map_location="cpu")
+    classes = info.classes
+    model.to(device)
+    d = cfg.data
+    recipe = RECIPES[cfg.recipe]
+    needs_offline = hasattr(method_cfg, "offline_scales")
+
+    train_tf = build_train_transform(resize=None if needs_offline else d.resize, scale_range=tuple(d.scale_range),
+                                     crop=d.crop, hflip=d.hflip, photometric=False)
+    target_ctx = None
+    if needs_offline:
+        from sfdaseg.offline_labels import OfflineLabelCache, WithOfflineLabels, build_offline_labels, model_fingerprint
+
+        # The labeller sees the images at the training resolution (data.resize): the cached labels then line up
+        # with what the random crop/flip/scale of every step cuts out.
+        base = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
+                                 on_error=d.on_error, synthetic=d.synthetic)
+        fingerprint = model_fingerprint(model, extra={
+            "scales": list(method_cfg.offline_scales), "resize": d.resize, "target": d.target,
+            "synthetic": d.synthetic})
+        cache = OfflineLabelCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), fingerprint=fingerprint)
+        if dist_info.is_main:
+            log(f"offline pseudo-labels: {cache.root if hasattr(cache, 'root') else ''} (model {fingerprint[:12]})")
+            build_offline_labels(model, base, cache, device=device, batch_size=d.val_batch_size,
+                                 scales=tuple(method_cfg.offline_scales), amp=cfg.train.amp,
+                                 num_workers=d.num_workers, progress=cfg.train.progress)
+        barrier()
+        train_ds = WithOfflineLabels(base, cache, transform=train_tf)
+        target_ctx = WithOfflineLabels(base, cache)
+    else:
+        train_ds = dataset_from_spec(d.target, with_labels=False, transform=train_tf, on_error=d.on_error,
+                                     synthetic=d.synthetic)
+        target_ctx = dataset_from_spec(d.target, with_labels=False, on_error=d.on_error, synthetic=d.synthetic)
+    log(f"adapt {cfg.recipe} ({recipe.summary}): {model.name} from {cfg.checkpoint}; target {d.target}: "
+        f"{len(train_ds)} images (labels not read); device {device}", dist_info=dist_info)
+
+    torch.manual_seed(cfg.train.seed)  # recipe-owned modules (metric nets, proxies) start the same for a seed
+    ctx = AdaptContext(model=model, classes=classes, device=device, export=cfg.export, target=target_ctx,
+                       run_dir=run_dir)
+    task = recipe.build(ctx, method_cfg)
+
+    loaders = {}
+    for name, spec in ([("val", d.val)] if d.val else []) + [(s, s) for s in d.val_extra]:
+        loader = eval_loader(spec, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
+                             on_error=d.on_error, synthetic=d.synthetic, pin_memory=device.type == "cuda")
+        if loader.dataset.classes.num_classes != classes.num_classes:
+            raise ConfigError(f"{spec}: {loader.dataset.classes.num_classes} classes, the model has "
+                              f"{classes.num_classes}")
+        loaders[name] = loader
+
+    evaluate = None
+    if "val" in loaders:
+        def evaluate(m):
+            return evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()
+
+    config = to_dict(cfg)
+    meta = {"recipe": cfg.recipe, "source_checkpoint": str(cfg.checkpoint), "exported": cfg.export}
+    trainer = Trainer(task, train_ds, train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size,
+                      num_workers=d.num_workers, device=device, dist_info=dist_info, run_dir=run_dir,
+                      evaluate=evaluate, config=config, collate_fn=collate,
+                      save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
+    path = trainer.train(resume=cfg.train.resume)
+
+    extra = {name: l for name, l in loaders.items() if name != "val"}
+    if extra:
+        adapted = task.export_model()
+        results: dict[str, Any] = {name: evaluate_model(adapted, l, device=device, eval_cfg=cfg.eval).to_dict()
+                                   for name, l in extra.items()}
+        if dist_info.is_main:
+            (run_dir / "eval_extra.json").write_text(json.dumps(results, indent=2))
+            for name, r in results.items():
+                log(f"{name}: mIoU {r['miou']:.2f}")
+    return path
