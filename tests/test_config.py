@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sfdaseg.config import (ConfigError, DemoConfig, EvaluateConfig, TrainSourceConfig, load_config, parse_override,
-                            to_dict)
+from sfdaseg.config import (AdaptConfig, ConfigError, DemoConfig, EvaluateConfig, TrainSourceConfig, load_config,
+                            parse_override, to_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,18 +85,25 @@ def test_resolved_dump_round_trips(tmp_path):
 
 
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
-CLASSES = {"source": TrainSourceConfig, "demo": DemoConfig, "evaluate": EvaluateConfig}
+CLASSES = {"source": TrainSourceConfig, "demo": DemoConfig, "evaluate": EvaluateConfig, "adapt": AdaptConfig}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
-def test_every_shipped_config_loads(path):
+def test_every_shipped_config_loads(path, tmp_path):
     """Every YAML under configs/ parses, has the launch command on top, and validates as its command's config."""
     first = path.read_text().splitlines()[0]
     assert first.startswith("# sfdaseg "), f"{path}: the first line must be the command that runs it"
     cls = CLASSES[path.parent.name]
     data = yaml.safe_load(path.read_text())
-    # Weights and dataset roots point at the user's disks; everything else must validate as shipped.
-    cfg = load_config(cls, file=path)
+    # Weights and dataset roots point at the user's disks; everything else must validate as shipped. An adapt
+    # config names a source checkpoint that must exist: a stand-in file takes its place here.
+    overrides = []
+    if cls is AdaptConfig:
+        (tmp_path / "source.ckpt").write_bytes(b"")
+        overrides = [f"checkpoint={tmp_path / 'source.ckpt'}"]
+    cfg = load_config(cls, file=path, overrides=overrides)
+    if cls is AdaptConfig:
+        assert cfg.method_config() is not None  # the recipe's own keys and types are valid too
     assert to_dict(cfg)  # resolved config is plain data
     assert set(data) <= set(to_dict(cfg))
 
