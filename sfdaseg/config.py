@@ -508,7 +508,9 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False  # a much shorter run, for a smoke test
     model: str = "tiny"
-    iters: int = 1500
+    recipe: str = "diga_sf"  # the adaptation recipe the demo runs
+    iters: int = 1500  # source and oracle training
+    adapt_iters: int = 1000
     batch_size: int = 8
     size: tuple[int, int] = (128, 256)  # (H, W) of the built-in benchmark
     train_length: int = 1000
@@ -517,8 +519,14 @@ class DemoConfig:
     device: str = "auto"
 
     def validate(self) -> None:
+        from sfdaseg.methods import RECIPES
+
         _positive("iters", self.iters)
+        _positive("adapt_iters", self.adapt_iters)
         _positive("batch_size", self.batch_size)
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe: unknown recipe '{self.recipe}'; choices: {', '.join(RECIPES)}."
+                              f"{_suggest(self.recipe, list(RECIPES))}")
 
 
 @dataclass

@@ -31,18 +31,22 @@ def per_class_table(columns: Mapping[str, Mapping], class_names: Sequence[str]) 
 
 @torch.inference_mode()
 def prediction_figure(path: str | Path, *, images: torch.Tensor, labels: torch.Tensor | None,
-                      predictions: Mapping[str, torch.Tensor], classes: ClassSpec, max_rows: int = 4) -> Path:
-    """Save a grid: one row per image; columns image, label (if any), then each named prediction.
+                      predictions: Mapping[str, torch.Tensor], classes: ClassSpec, max_rows: int = 4,
+                      maps: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Save a grid: one row per image; columns image, label (if any), each named prediction, each scalar map.
 
     Args:
-        images: uint8 ``(N, 3, H, W)``; labels: ``(N, H, W)``; predictions: name -> ``(N, H, W)`` class indices.
+        images: uint8 ``(N, 3, H, W)``; labels: ``(N, H, W)``; predictions: name -> ``(N, H, W)`` class indices
+            (255 = ignored, drawn black); maps: name -> ``(N, H, W)`` values in ``[0, 1]`` (e.g. confidence),
+            drawn with a colour map.
     """
+    maps = dict(maps or {})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = ["image"] + (["label"] if labels is not None else []) + list(predictions)
+    cols = ["image"] + (["label"] if labels is not None else []) + list(predictions) + list(maps)
     n = min(max_rows, images.shape[0])
     h, w = images.shape[-2:]
     fig, axes = plt.subplots(n, len(cols), figsize=(2.6 * len(cols) * w / max(h, w) * 1.6, 2.6 * n * h / max(h, w) * 1.6),
@@ -52,9 +56,10 @@ def prediction_figure(path: str | Path, *, images: torch.Tensor, labels: torch.T
         if labels is not None:
             panels.append(colorize(labels[r].cpu().numpy(), classes.colors))
         panels += [colorize(p[r].cpu().numpy().astype(np.uint8), classes.colors) for p in predictions.values()]
+        panels += [m[r].float().cpu().numpy() for m in maps.values()]
         for c, panel in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(panel)
+            ax.imshow(panel, cmap="viridis", vmin=0.0, vmax=1.0) if panel.ndim == 2 else ax.imshow(panel)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

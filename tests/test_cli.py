@@ -94,12 +94,15 @@ def test_demo_quick(tmp_path):
     ckpt = run_demo(DemoConfig(out=str(out), quick=True, device="cpu", size=(32, 64)))
     assert ckpt.exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("source_only", "oracle"):
+    for key in ("source_only", "adapted", "oracle"):
         assert 0.0 <= metrics[key]["miou"] <= 100.0
         assert "road" in metrics[key]["per_class_iou"]
+    assert metrics["gap_closure"] == pytest.approx(
+        (metrics["adapted"]["miou"] - metrics["source_only"]["miou"]) / metrics["gap"])
     report = (out / "report.md").read_text()
     assert "Per-class IoU" in report and "predictions.png" in report
     assert (out / "predictions.png").stat().st_size > 1000
+    assert (out / "pseudo_labels.png").stat().st_size > 1000
     # A second run reuses the finished stages instead of training again.
     mtime = (out / "source" / "model.ckpt").stat().st_mtime_ns
     run_demo(DemoConfig(out=str(out), quick=True, device="cpu", size=(32, 64)))
