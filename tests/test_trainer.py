@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,18 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, cli_env, python):
     a, b = weights(tmp_path / "ddp" / "model.ckpt"), weights(single)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("switches", [["train.amp=bf16"], ["train.amp=fp16"], ["train.channels_last=true"]])
+def test_amp_and_channels_last_switches_train(tmp_path, switches):
+    path = run_train_source(small_cfg(tmp_path, "amp", "train.iters=2", *switches))
+    records = [json.loads(x) for x in (tmp_path / "amp" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
+
+
+def test_metrics_jsonl_has_loss_lr_and_throughput(tmp_path):
+    run_train_source(small_cfg(tmp_path, "log", "train.iters=2", "train.tensorboard=true"))
+    rec = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "images_per_s", "data_wait_frac"} <= set(rec)
+    assert any((tmp_path / "log" / "tb").iterdir())  # TensorBoard event file
