@@ -52,7 +52,8 @@ def train_source(out: Path, split: str, args) -> Path:
     cfg = load_config(TrainSourceConfig, file=args.source_config, overrides=[
         f"data.train=synthetic:{split}:train", "data.val=null", f"train.iters={args.source_iters}",
         f"train.out={out}", f"train.device={args.device}", "train.resume=true", "train.progress=false",
-        f"data.synthetic={{size: [{args.size[0]}, {args.size[1]}]}}", f"data.crop=[{args.size[0]}, {args.size[1]}]"])
+        f"data.synthetic={{size: [{args.size[0]}, {args.size[1]}]}}", f"data.crop=[{args.size[0]}, {args.size[1]}]",
+        *[e for e in args.extra if e.startswith("data.")]])
     return run_train_source(cfg)
 
 
@@ -64,7 +65,7 @@ def adapt(out: Path, recipe: str, extra: list[str], seed: int, source: Path, arg
         f"train.device={args.device}", "train.resume=true", "train.progress=false", "data.val=null",
         "data.val_extra=[]", f"data.cache_dir={args.out / 'cache'}",
         f"data.synthetic={{size: [{args.size[0]}, {args.size[1]}]}}", f"data.crop=[{args.size[0]}, {args.size[1]}]",
-        *extra])
+        *[e for e in args.extra if e.startswith("data.") or recipe == "diga_sf"], *extra])
     return run_adapt(cfg)
 
 
@@ -73,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench_synthetic"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ablation-seeds", type=int, default=1)
-    p.add_argument("--source-iters", type=int, default=1500)
-    p.add_argument("--adapt-iters", type=int, default=1000)
+    p.add_argument("--source-iters", type=int, default=1000)
+    p.add_argument("--adapt-iters", type=int, default=600)
+    p.add_argument("--source-ckpt", help="reuse this source model (e.g. runs/demo/source/model.ckpt)")
+    p.add_argument("--oracle-ckpt", help="reuse this oracle (e.g. runs/demo/oracle/model.ckpt)")
     p.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))
     p.add_argument("--val-length", type=int, default=200)
     p.add_argument("--device", default="auto")
@@ -83,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes and schedules: a smoke test of the script")
     args = p.parse_args(argv)
+    args.extra = []
     if args.quick:
-        args.seeds, args.source_iters, args.adapt_iters, args.size, args.val_length = 1, 20, 4, [32, 64], 8
+        args.seeds, args.source_iters, args.adapt_iters, args.size, args.val_length = 1, 10, 2, [32, 64], 8
+        args.extra = ["data.num_workers=0", "method.proto_init_images=8"]
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
@@ -100,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    given = {"source-only": args.source_ckpt, "oracle": args.oracle_ckpt}
     for name, split in (("source-only", "source"), ("oracle", "target")):
         t = time.perf_counter()
-        ckpt = train_source(args.out / name, split, args)
+        ckpt = Path(given[name]) if given[name] else train_source(args.out / name, split, args)
         timings[name] = time.perf_counter() - t
-        results[name] = {"seeds": [0], "runs": [score(ckpt)]}
-    source_ckpt = args.out / "source-only" / "model.ckpt"
+        results[name] = {"seeds": [0], "runs": [score(ckpt)], "checkpoint": str(ckpt)}
+    source_ckpt = Path(results["source-only"]["checkpoint"])
 
     variants = dict(VARIANTS)
     if not args.no_ablations:
@@ -137,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/adapt_synthetic.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"Built-in benchmark, source -> target; model `tiny`; {args.size[1]}x{args.size[0]}; "
-        f"{args.val_length} val images per domain; mIoU (%) over the classes present; source {args.source_iters} "
-        f"iterations, adaptation {args.adapt_iters} iterations (final checkpoint); device {device}.",
+        f"{args.val_length} val images per domain; mIoU (%) over the classes present; adaptation "
+        f"{args.adapt_iters} iterations (final checkpoint, no target labels); source model: "
+        f"{results['source-only']['checkpoint']}; device {device}.",
         f"Reproduce: `{cmd.strip()}`",
         "",
         "| model | seeds | target mIoU (mean +- std) | gap closure | shift mIoU (held out) | wall time / run |",

@@ -509,8 +509,8 @@ class DemoConfig:
     quick: bool = False  # a much shorter run, for a smoke test
     model: str = "tiny"
     recipe: str = "diga_sf"  # the adaptation recipe the demo runs
-    iters: int = 1500  # source and oracle training
-    adapt_iters: int = 1000
+    iters: int = 1000  # source and oracle training
+    adapt_iters: int = 600
     batch_size: int = 8
     size: tuple[int, int] = (128, 256)  # (H, W) of the built-in benchmark
     train_length: int = 1000

@@ -4,7 +4,7 @@ Stages (each in its own sub-folder of ``out``; a finished stage is reused, an in
 
 1. ``source/``: train the model on the labelled *source* domain (the "video game");
 2. ``oracle/``: train the same model on labelled *target* data: the upper bound no source-free method may use;
-3. ``adapted/``: adapt the source model to unlabelled target images with a recipe (``diga_sf`` by default);
+3. ``adapted_<recipe>/``: adapt the source model to unlabelled target images with a recipe (``diga_sf`` by default);
 4. evaluate all three on the *target* validation split (and on the held-out *shift* domain and the source
    domain), write ``metrics.json`` and ``report.md``: per-class table, source-only vs adapted predictions side by
    side, and the source model's pseudo-labels with their confidence.
@@ -75,7 +75,7 @@ def _stage(name: str, stage_cfg: Any, out: Path, run: Callable[[Any], Path]) -> 
     saved = stage_dir / "config.yaml"
     if saved.exists():
         old, new = yaml.safe_load(saved.read_text()), to_dict(stage_cfg)
-        if name == "adapted":
+        if name.startswith("adapted"):
             old.pop("method", None)  # the adapt run records the recipe's resolved defaults there
             new.pop("method", None)
         if old != new:
@@ -100,7 +100,9 @@ def run_demo(cfg: DemoConfig) -> Path:
                     run_train_source)
     oracle = _stage("oracle", _source_config(cfg, train="synthetic:target:train", out=out / "oracle"), out,
                     run_train_source)
-    adapted = _stage("adapted", _adapt_config(cfg, source=source, out=out / "adapted"), out, run_adapt)
+    # One folder per recipe, so that trying another recipe reuses the source and oracle stages.
+    adapted = _stage(f"adapted_{cfg.recipe}", _adapt_config(cfg, source=source, out=out / f"adapted_{cfg.recipe}"),
+                     out, run_adapt)
     ckpts = {"source_only": source, "adapted": adapted, "oracle": oracle}
 
     synthetic = {"size": list(cfg.size), "seed": cfg.seed, "length": 32 if cfg.quick else cfg.val_length}
