@@ -219,7 +219,14 @@ def _flag_values(cmd: Command, ns: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    # key=value overrides may sit before, between or after the flags: argparse's nargs="*" positional takes only
+    # one contiguous group, so the rest come back as unknown arguments and are collected here.
+    ns, unknown = parser.parse_known_args(argv)
+    stray = [a for a in unknown if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if ns.command is not None:
+        ns.overrides = list(ns.overrides) + unknown
     if ns.command is None:
         parser.print_help()
         return 2

@@ -107,3 +107,11 @@ def test_demo_quick(tmp_path):
     mtime = (out / "source" / "model.ckpt").stat().st_mtime_ns
     run_demo(DemoConfig(out=str(out), quick=True, device="cpu", size=(32, 64)))
     assert (out / "source" / "model.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_overrides_may_sit_between_flags(capsys, tmp_path):
+    assert main(["train-source", "--iters", "2", "optim.lrr=1", "--out", str(tmp_path / "x"), "train.amp=fp8"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-source", "--iters", "2", "stray", "--out", str(tmp_path / "x")])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

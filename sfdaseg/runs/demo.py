@@ -46,7 +46,7 @@ def _source_config(cfg: DemoConfig, *, train: str, out: Path) -> TrainSourceConf
     return TrainSourceConfig(
         model=ModelConfig(name=cfg.model),
         data=DataConfig(train=train, val=None, resize=None, scale_range=(0.75, 1.5), crop=tuple(cfg.size),
-                        hflip=True, photometric=True, batch_size=cfg.batch_size, num_workers=2,
+                        hflip=True, photometric=False, batch_size=cfg.batch_size, num_workers=2,
                         synthetic=_synthetic(cfg)),
         optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=1e-4, head_lr_mult=1.0,
                           warmup_iters=min(50, iters // 10), poly_power=0.9),
