@@ -337,15 +337,7 @@ class DataConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the built-in benchmark (size, length, seed)
 
     def validate(self) -> None:
-        from sfdaseg.data.datasets import parse_dataset_spec
-
-        for key in ("train", "val"):
-            spec = getattr(self, key)
-            if spec is not None:
-                try:
-                    parse_dataset_spec(spec)
-                except ValueError as e:
-                    raise ConfigError(f"data.{key}: {e}") from None
+        _check_dataset_specs("data", train=self.train, val=self.val)
         _positive("data.batch_size", self.batch_size)
         _positive("data.val_batch_size", self.val_batch_size)
         if self.num_workers < 0:
@@ -433,6 +425,18 @@ class EvalConfig:
             raise ConfigError(f"eval.scales: expected positive scales, got {list(self.scales)}")
 
 
+def _check_dataset_specs(prefix: str, **specs: str | None) -> None:
+    """Each ``KIND:ROOT[:SPLIT]`` parses (the kind is known); errors name the key."""
+    from sfdaseg.data.datasets import parse_dataset_spec
+
+    for key, spec in specs.items():
+        if spec is not None:
+            try:
+                parse_dataset_spec(spec)
+            except ValueError as e:
+                raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: {e}") from None
+
+
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}: expected a positive value, got {value}")
@@ -487,16 +491,11 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        from sfdaseg.data.datasets import parse_dataset_spec
-
         if not self.checkpoint:
             raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH)")
         if not Path(self.checkpoint).is_file():
             raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
-        try:
-            parse_dataset_spec(self.data)
-        except ValueError as e:
-            raise ConfigError(f"data: {e}") from None
+        _check_dataset_specs("", data=self.data)
         _positive("batch_size", self.batch_size)
         self.eval.validate()
 
@@ -547,15 +546,8 @@ class AdaptDataConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from sfdaseg.data.datasets import parse_dataset_spec
-
-        for key, spec in [("target", self.target), ("val", self.val)] + [
-                (f"val_extra[{i}]", s) for i, s in enumerate(self.val_extra)]:
-            if spec is not None:
-                try:
-                    parse_dataset_spec(spec)
-                except ValueError as e:
-                    raise ConfigError(f"data.{key}: {e}") from None
+        _check_dataset_specs("data", target=self.target, val=self.val,
+                             **{f"val_extra[{i}]": s for i, s in enumerate(self.val_extra)})
         _positive("data.batch_size", self.batch_size)
         lo, hi = self.scale_range
         if not 0 < lo <= hi:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sfdaseg.data.transforms import collate, to_model_input
+from sfdaseg.models.base import unwrap_model
 
 __all__ = [
     "CacheEntryError",
@@ -70,7 +71,7 @@ def model_fingerprint(model: nn.Module, *, extra: dict | None = None) -> str:
     entry (key, shape and the bytes of a float32 CPU copy, so a bf16 and a float32 copy of one model agree), and
     ``extra`` (JSON; e.g. the labelling scales and input size, which change the labels too).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     h = hashlib.sha256()
 
     def add(text: str) -> None:
@@ -87,12 +88,6 @@ def model_fingerprint(model: nn.Module, *, extra: dict | None = None) -> str:
         h.update(value.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     add(json.dumps(extra or {}, sort_keys=True, default=str))
     return h.hexdigest()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from sfdaseg.models.ema import unwrap_model
-
-    return unwrap_model(model)
 
 
 # --------------------------------------------------------------------------------------------------------------

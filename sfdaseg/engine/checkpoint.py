@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from sfdaseg.data.classes import ClassSpec
-from sfdaseg.models.base import Normalization, SegmentationModel, WeightsError
+from sfdaseg.models.base import Normalization, SegmentationModel, WeightsError, unwrap_model
 
 
 FORMAT = "sfdaseg"
@@ -394,19 +394,6 @@ def _to_plain(value: Any, where: str) -> Any:
     )
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, SegmentationModel):
-            return model
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _library_versions(model: SegmentationModel) -> dict[str, str]:
     versions = {"torch": str(torch.__version__)}  # TorchVersion is a str subclass: not plain data
     try:
@@ -442,7 +429,7 @@ def save_model(
         format: ``"pt"`` or ``"safetensors"``; with ``"safetensors"`` the suffix becomes ``.safetensors``.
     """
     path = Path(path).expanduser()
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     if not isinstance(model, SegmentationModel):
         raise TypeError(f"save_model: expected a SegmentationModel, got {type(model).__name__}")
     if not isinstance(classes, ClassSpec):

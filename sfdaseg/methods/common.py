@@ -35,17 +35,6 @@ class AdaptContext:
     run_dir: Path | None = None
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module behind DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
 class TeacherStudentTask:
     """Plumbing shared by the EMA-teacher recipes: no loss lives here, and recipes never inherit from each other.
 

@@ -259,6 +259,23 @@ class SegmentationModel(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module behind DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    Stops at the first :class:`SegmentationModel` (whatever attributes it has).
+    """
+    for _ in range(8):  # wrappers nest at most a few levels deep (compile(DDP(model)), ...)
+        if isinstance(model, SegmentationModel):
+            return model
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def _short_list(items: Iterable[str], limit: int = 8) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])

@@ -20,19 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sfdaseg.models.base import unwrap_model
+
 __all__ = ["EMATeacher", "ema_momentum", "unwrap_model"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module behind DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    for _ in range(8):  # wrappers nest at most a few levels deep (compile(DDP(model)), ...)
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
 
 
 def ema_momentum(step: int, momentum: float) -> float:
