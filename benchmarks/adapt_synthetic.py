@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ablation-seeds", type=int, default=1)
     p.add_argument("--source-iters", type=int, default=1000)
-    p.add_argument("--adapt-iters", type=int, default=600)
+    p.add_argument("--adapt-iters", type=int, default=400)
     p.add_argument("--source-ckpt", help="reuse this source model (e.g. runs/demo/source/model.ckpt)")
     p.add_argument("--oracle-ckpt", help="reuse this oracle (e.g. runs/demo/oracle/model.ckpt)")
     p.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))

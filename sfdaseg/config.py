@@ -509,7 +509,7 @@ class DemoConfig:
     model: str = "tiny"
     recipe: str = "diga_sf"  # the adaptation recipe the demo runs
     iters: int = 1000  # source and oracle training
-    adapt_iters: int = 600
+    adapt_iters: int = 400
     batch_size: int = 8
     size: tuple[int, int] = (128, 256)  # (H, W) of the built-in benchmark
     train_length: int = 1000
