@@ -112,6 +112,10 @@ def test_demo_quick(tmp_path):
 def test_overrides_may_sit_between_flags(capsys, tmp_path):
     assert main(["train-source", "--iters", "2", "optim.lrr=1", "--out", str(tmp_path / "x"), "train.amp=fp8"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
+    # A word that is not key=value is refused wherever it sits, naming the word.
+    assert main(["train-source", "--iters", "2", "stray", "--out", str(tmp_path / "x")]) == 2
+    assert "'stray': expected key=value" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train-source", "--iters", "2", "stray", "--out", str(tmp_path / "x")])
+        main(["train-source", "--iters", "2", "a=1", "--out", str(tmp_path / "x"), "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
