@@ -111,9 +111,6 @@ class STvM(TeacherStudentTask):
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
 
-    def state_dict(self):
-        return {"teacher": self.teacher.state_dict()}  # the metric net is trainable: the trainer saves it
-
     def training_step(self, batch: dict, step: int) -> StepOutput:
         cfg = self.cfg
         x = to_model_input(batch["image"])  # (B, 3, H, W) weak view

@@ -48,7 +48,6 @@ def run_adapt(cfg: AdaptConfig) -> Path:
 
     train_tf = build_train_transform(resize=None if needs_offline else d.resize, scale_range=tuple(d.scale_range),
                                      crop=d.crop, hflip=d.hflip, photometric=False)
-    target_ctx = None
     if needs_offline:
         from sfdaseg.offline_labels import OfflineLabelCache, WithOfflineLabels, build_offline_labels, model_fingerprint
 
@@ -61,7 +60,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
             "synthetic": d.synthetic})
         cache = OfflineLabelCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), fingerprint=fingerprint)
         if dist_info.is_main:
-            log(f"offline pseudo-labels: {cache.root if hasattr(cache, 'root') else ''} (model {fingerprint[:12]})")
+            log(f"offline pseudo-labels: {cache.folder} (model {fingerprint[:12]})")
             build_offline_labels(model, base, cache, device=device, batch_size=d.val_batch_size,
                                  scales=tuple(method_cfg.offline_scales), amp=cfg.train.amp,
                                  num_workers=d.num_workers, progress=cfg.train.progress)
