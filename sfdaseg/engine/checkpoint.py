@@ -238,15 +238,7 @@ def _load_safetensors(path: Path, map_location: Any = "cpu") -> dict:
         ) from e
     if _SAFETENSORS_KEY not in metadata:
         return tensors
-    try:
-        header = json.loads(metadata[_SAFETENSORS_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{path}: the sfdaseg metadata in the safetensors header is not valid JSON: {e}"
-        ) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the sfdaseg metadata in the safetensors header is not a JSON object")
-    return {**header, "state_dict": tensors}
+    return {**_safetensors_header(path, metadata), "state_dict": tensors}
 
 
 def is_sfdaseg_checkpoint(obj: Any) -> bool:
@@ -511,13 +503,20 @@ def _read_safetensors_header(path: Path, *, required: bool = True) -> dict | Non
         if not required:
             return None
         raise CheckpointError(f"{path} is a safetensors file without sfdaseg metadata (a plain state dict?)")
+    return {**_safetensors_header(path, metadata), "state_dict": {}}
+
+
+def _safetensors_header(path: Path, metadata: Mapping[str, str]) -> dict:
+    """The sfdaseg metadata stored as JSON in a safetensors header."""
     try:
         header = json.loads(metadata[_SAFETENSORS_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(
             f"{path}: the sfdaseg metadata in the safetensors header is not valid JSON: {e}"
         ) from None
-    return {**header, "state_dict": {}}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the sfdaseg metadata in the safetensors header is not a JSON object")
+    return header
 
 
 def load_model(
