@@ -501,6 +501,92 @@ class EvaluateConfig:
 
 
 @dataclass
+class PredictConfig:
+    """``sfdaseg predict``: class-index PNGs, colour masks and overlays for every image under a folder."""
+
+    checkpoint: str = ""  # an sfdaseg checkpoint (.pt / .safetensors) or an ONNX file written by `sfdaseg export`
+    images: str = ""  # a folder (searched recursively) or one image file
+    out: str = "predictions"  # labels/, color/, overlay/ (and confidence/, entropy/) mirror the input tree
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (ONNX: the CUDA execution provider when available)
+    batch_size: int = 4  # images of the same size per forward pass
+    num_workers: int = 2  # image-decoding processes
+    mode: str = choices("auto", "whole", "slide", default="auto",
+                        help="auto: sliding window for images whose longer side exceeds slide_above")
+    slide_above: int = 2048  # mode=auto: longer image side (pixels) above which the sliding window is used
+    crop: tuple[int, int] = (1024, 1024)  # sliding window (H, W)
+    stride: tuple[int, int] | None = None  # window step (H, W); None: two thirds of the crop
+    flip: bool = False  # also predict the mirrored image and average the probabilities
+    amp: str = choices("fp32", "bf16", "fp16", default="fp32")  # PyTorch checkpoints only
+    ids: str = choices("class", "trainid", "labelid", default="class",
+                       help="class-index PNG values: the model's class indices, Cityscapes trainIds or labelIds")
+    protocol: int | None = None  # colours of a 16/13-class model whose class spec has no palette
+    color: bool = True  # write color/ (the class palette)
+    overlay: bool = True  # write overlay/ (the colour mask blended over the image)
+    overlay_format: str = choices("jpg", "png", default="jpg")
+    alpha: float = 0.5  # opacity of the colour mask in the overlay
+    confidence: bool = False  # write confidence/: the top class probability, 0..255
+    entropy: bool = False  # write entropy/: the prediction entropy / log(C), 0..255
+    on_error: str = choices("raise", "skip", default="raise", help="unreadable images: stop, or skip with a warning")
+    progress: bool = True
+
+    def validate(self) -> None:
+        from sfdaseg.data.classes import PROTOCOLS
+
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH): a checkpoint or an ONNX file")
+        if not Path(self.checkpoint).expanduser().is_file():
+            raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
+        if not self.images:
+            raise ConfigError("images: required (--images DIR or images=DIR): a folder of images")
+        if not Path(self.images).expanduser().exists():
+            raise ConfigError(f"images: no such folder or file: {self.images}")
+        _positive("batch_size", self.batch_size)
+        _positive("slide_above", self.slide_above)
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: expected >= 0, got {self.num_workers}")
+        if min(self.crop) <= 0:
+            raise ConfigError(f"crop: expected a positive (H, W), got {list(self.crop)}")
+        if self.stride is not None and (min(self.stride) <= 0 or self.stride[0] > self.crop[0]
+                                        or self.stride[1] > self.crop[1]):
+            raise ConfigError(f"stride: expected a positive (H, W) no larger than the crop {list(self.crop)} "
+                              f"(windows would leave gaps), got {list(self.stride)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: expected an opacity in [0, 1], got {self.alpha}")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: expected one of {', '.join(map(str, PROTOCOLS))} or null, got {self.protocol}")
+
+
+@dataclass
+class ExportConfig:
+    """``sfdaseg export``: an ONNX graph (0..1 RGB NCHW -> logits at input size), checked with onnxruntime."""
+
+    checkpoint: str = ""
+    out: str = "model.onnx"
+    size: tuple[int, int] = (512, 512)  # (H, W) traced and checked; the input size of a fixed-size export
+    dynamic: bool = True  # dynamic image height/width (falls back to `size` when the model cannot); batch always
+    opset: int = 17
+    tolerance: float = 1e-3  # largest accepted |onnxruntime - PyTorch| logit difference on random inputs
+    check: bool = True  # compare with PyTorch in onnxruntime (the file is only written when it passes)
+    exporter: str = choices("auto", "torchscript", "dynamo", default="auto",
+                            help="torch.onnx exporter: auto = TorchScript-based (needs no onnxscript), else dynamo")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH)")
+        if not Path(self.checkpoint).expanduser().is_file():
+            raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
+        if Path(self.checkpoint).suffix.lower() == ".onnx":
+            raise ConfigError(f"checkpoint: {self.checkpoint} is already an ONNX file; export reads sfdaseg checkpoints")
+        if Path(self.out).suffix.lower() != ".onnx":
+            raise ConfigError(f"out: expected a file name ending in .onnx, got {self.out}")
+        if min(self.size) < 8:
+            raise ConfigError(f"size: expected (H, W) of at least 8 pixels each, got {list(self.size)}")
+        if self.opset < 17:
+            raise ConfigError(f"opset: expected 17 or newer, got {self.opset}")
+        _positive("tolerance", self.tolerance)
+
+
+@dataclass
 class DemoConfig:
     """``sfdaseg demo``: the whole story on the built-in benchmark, on a CPU in minutes."""
 
@@ -555,6 +641,27 @@ class AdaptDataConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Target-only signals logged during adaptation (``sfdaseg.selection``): no label is read."""
+
+    every: int = 0  # steps between measurements; 0: at the start and the end only; -1: never
+    images: int = 32  # a fixed sample of target images (the first ones of the target set, un-augmented)
+    batch_size: int = 8
+    tau: float = 0.968  # confidence threshold behind kept_frac
+    snd_pixels: int = 1024  # pixels sampled per batch for SND
+    keep_checkpoints: bool = False  # keep snapshots/step_N.ckpt at every measurement (checkpoint choice)
+
+    def validate(self) -> None:
+        if self.every < -1:
+            raise ConfigError(f"monitor.every: expected >= -1, got {self.every}")
+        _positive("monitor.images", self.images)
+        _positive("monitor.batch_size", self.batch_size)
+        _positive("monitor.snd_pixels", self.snd_pixels)
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"monitor.tau: expected a probability in (0, 1], got {self.tau}")
+
+
+@dataclass
 class AdaptConfig:
     """``sfdaseg adapt``: source-free adaptation of a source checkpoint to unlabelled target images."""
 
@@ -567,6 +674,7 @@ class AdaptConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=0.01))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/adapt"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         from sfdaseg.methods import RECIPES

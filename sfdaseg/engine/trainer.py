@@ -121,6 +121,9 @@ class Trainer:
         run_dir: where ``state.pt``, ``model.ckpt``, ``metrics.jsonl`` and TensorBoard files go.
         evaluate: optional ``fn(model) -> dict`` run on every rank (it reduces across ranks itself) every
             ``eval_every`` steps and at the end; rank 0 logs the result.
+        monitor: optional ``fn(model, step) -> dict`` of label-free scalars, run on rank 0 only, before the
+            first step of a fresh run, every ``monitor_every`` steps (0: never in between) and at the end;
+            logged with an ``unsup/`` prefix.
         save_model: ``fn(path, model)`` that writes the deliverable checkpoint (rank 0 only).
         config: the resolved run config (a plain dict), stored in the training state.
     """
@@ -128,12 +131,14 @@ class Trainer:
     def __init__(self, task: Any, dataset: Dataset, *, train_cfg: TrainConfig, optim_cfg: OptimConfig,
                  batch_size: int, num_workers: int, device: torch.device, dist_info: DistInfo, run_dir: Path,
                  save_model: Callable[[Path, nn.Module], None], evaluate: Callable[[nn.Module], dict] | None = None,
-                 config: dict | None = None, collate_fn: Callable | None = None) -> None:
+                 config: dict | None = None, collate_fn: Callable | None = None,
+                 monitor: Callable[[nn.Module, int], dict] | None = None, monitor_every: int = 0) -> None:
         self.task, self.dataset, self.cfg, self.optim_cfg = task, dataset, train_cfg, optim_cfg
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device, self.dist, self.run_dir = device, dist_info, Path(run_dir)
         self.save_model_fn, self.evaluate_fn, self.config = save_model, evaluate, config or {}
         self.collate_fn = collate_fn
+        self.monitor_fn, self.monitor_every = monitor, monitor_every
         self.step = 0
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train_cfg.amp]
         self.modules = dict(task.trainable_modules())
@@ -261,6 +266,12 @@ class Trainer:
             log(f"step {self.step}: val mIoU {result.get('miou', float('nan')):.2f}", dist_info=self.dist)
         return result
 
+    def _run_monitor(self) -> None:
+        if self.monitor_fn is None or not self.dist.is_main:
+            return
+        values = self.monitor_fn(self.task.export_model(), self.step)
+        self._log_metrics({"step": self.step, **{f"unsup/{k}": v for k, v in values.items()}})
+
     # ---------------------------------------------------------------- the loop
 
     def train(self, *, resume: bool = False) -> Path:
@@ -286,6 +297,8 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         wait_time, t_last, steps_since = 0.0, time.perf_counter(), 0
         last_good_step = self.step
+        if self.step == 0:
+            self._run_monitor()  # the starting point: for a source-free run, the source model's signals
         for m in self.modules.values():
             m.train()
 
@@ -379,6 +392,10 @@ class Trainer:
                 self._run_eval()
                 for m in self.modules.values():
                     m.train()
+            if self.monitor_every and self.step % self.monitor_every == 0 and not at_end:
+                self._run_monitor()
+                for m in self.modules.values():
+                    m.train()
 
         if progress is not None:
             progress.close()
@@ -388,6 +405,7 @@ class Trainer:
             if diff != 0.0:
                 log(f"warning: DDP replicas differ by up to {diff:g} at the end", dist_info=self.dist)
         result = self._run_eval()
+        self._run_monitor()
         model_path = self.run_dir / MODEL_FILE
         if self.dist.is_main:
             if result is not None:

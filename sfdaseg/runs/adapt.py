@@ -95,9 +95,13 @@ def run_adapt(cfg: AdaptConfig) -> Path:
 
     config = to_dict(cfg)
     meta = {"recipe": cfg.recipe, "source_checkpoint": str(cfg.checkpoint), "exported": cfg.export}
+    monitor = None
+    if cfg.monitor.every >= 0 and dist_info.is_main:
+        monitor = _build_monitor(cfg, model, classes, device, run_dir, config=config, meta=meta)
     trainer = Trainer(task, train_ds, train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size,
                       num_workers=d.num_workers, device=device, dist_info=dist_info, run_dir=run_dir,
-                      evaluate=evaluate, config=config, collate_fn=collate,
+                      evaluate=evaluate, config=config, collate_fn=collate, monitor=monitor,
+                      monitor_every=max(cfg.monitor.every, 0),
                       save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
     path = trainer.train(resume=cfg.train.resume)
 
@@ -111,3 +115,20 @@ def run_adapt(cfg: AdaptConfig) -> Path:
             for name, r in results.items():
                 log(f"{name}: mIoU {r['miou']:.2f}")
     return path
+
+
+def _build_monitor(cfg: AdaptConfig, model, classes, device, run_dir: Path, *, config: dict, meta: dict):
+    """Target-only signals on the first ``monitor.images`` target images (no label is read)."""
+    from sfdaseg.selection import TargetMonitor
+
+    d, m = cfg.data, cfg.monitor
+    ds = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
+                           on_error=d.on_error, synthetic=d.synthetic)
+    images = [ds[i]["image"] for i in range(min(m.images, len(ds)))]
+    save = None
+    if m.keep_checkpoints:
+        def save(path, net):
+            save_model(path, net, classes=classes, config=config, meta=meta)
+    return TargetMonitor(images, source_model=model, num_classes=classes.num_classes, class_names=classes.names,
+                         tau=m.tau, snd_pixels=m.snd_pixels, batch_size=m.batch_size, device=device,
+                         run_dir=run_dir, save_snapshot=save, log=log)
