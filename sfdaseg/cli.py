@@ -8,14 +8,15 @@ checkpoint prints its path as the last line of stdout, so ``ckpt=$(sfdaseg train
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sfdaseg.config import (AdaptConfig, ConfigError, DemoConfig, EvaluateConfig, TrainSourceConfig, load_config,
-                            parse_override)
+from sfdaseg.config import (AdaptConfig, BenchConfig, ConfigError, DemoConfig, EvaluateConfig, ExportConfig,
+                            PredictConfig, TrainSourceConfig, load_config, parse_override)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Flag:
     key: str  # the config key it sets
     help: str
     switch: bool = False  # a boolean flag without a value
+    comma_list: bool = False  # "a,b,c" -> ["a", "b", "c"]
     metavar: str | None = None
 
 
@@ -57,11 +59,32 @@ def _run_adapt(cfg):
     return run_adapt(cfg)
 
 
+_ARGV: list[str] = []  # the command line being run, for reports that print how to reproduce them
+
+
+def _run_bench(cfg):
+    from sfdaseg.runs.bench import run_bench
+
+    run_bench(cfg, command="sfdaseg " + " ".join(_ARGV))
+
+
 def _run_evaluate(cfg):
     from sfdaseg.runs.evaluate import run_evaluate
 
     run_evaluate(cfg)
     return None
+
+
+def _run_predict(cfg):
+    from sfdaseg.runs.predict import run_predict
+
+    return run_predict(cfg)  # the output folder, last line of stdout
+
+
+def _run_export(cfg):
+    from sfdaseg.runs.export import run_export
+
+    return run_export(cfg)  # the ONNX file, last line of stdout
 
 
 COMMANDS: dict[str, Command] = {
@@ -153,28 +176,54 @@ COMMANDS: dict[str, Command] = {
         Command(
             "predict", "class-index PNGs, colour masks and overlays for a folder of images",
             """\
-            sfdaseg predict --checkpoint runs/stvm/model.ckpt --images /data/new_city --out preds/""",
-            flags=(Flag(("--checkpoint",), "checkpoint", "model checkpoint", metavar="CKPT"),
-                   Flag(("--images",), "images", "folder of images", metavar="DIR"),
-                   Flag(("--out",), "out", "output folder", metavar="DIR")),
-            pending_issue=7,
+            sfdaseg predict --checkpoint runs/stvm/model.ckpt --images /data/new_city --out preds/
+            sfdaseg predict --checkpoint model.onnx --images photos/ --out preds/ --confidence --entropy
+            sfdaseg predict --checkpoint m.ckpt --images /data/cs/leftImg8bit/test --out sub/ ids=labelid \\
+                overlay=false color=false           # Cityscapes benchmark submission (labelIds)
+            sfdaseg predict --checkpoint m.ckpt --images big/ --out preds/ --mode slide crop=[512,512] \\
+                stride=[341,341] progress=false""",
+            flags=(Flag(("--checkpoint",), "checkpoint", "model checkpoint, or an ONNX file from sfdaseg export",
+                        metavar="CKPT"),
+                   Flag(("--images",), "images", "folder of images (recursive) or one image", metavar="DIR"),
+                   Flag(("--out",), "out", "output folder (labels/, color/, overlay/, ...)", metavar="DIR"),
+                   Flag(("--device",), "device", "auto | cpu | cuda | cuda:N"),
+                   Flag(("--batch-size",), "batch_size", "images of one size per forward pass", metavar="N"),
+                   Flag(("--mode",), "mode", "auto | whole | slide (auto: slide above slide_above pixels)"),
+                   Flag(("--confidence",), "confidence", "also write confidence maps", switch=True),
+                   Flag(("--entropy",), "entropy", "also write entropy maps", switch=True)),
+            config_cls=PredictConfig, run=_run_predict,
         ),
         Command(
             "export", "ONNX export, checked against PyTorch with onnxruntime",
             """\
-            sfdaseg export --checkpoint runs/distill/model.ckpt --out model.onnx""",
+            sfdaseg export --checkpoint runs/distill/model.ckpt --out model.onnx
+            sfdaseg export --checkpoint m.ckpt --out m.onnx --size [512,1024] tolerance=1e-4
+            sfdaseg export --checkpoint m.ckpt --out m.onnx dynamic=false   # fixed input size (--size)""",
             flags=(Flag(("--checkpoint",), "checkpoint", "model checkpoint", metavar="CKPT"),
-                   Flag(("--out",), "out", "ONNX file", metavar="FILE.onnx")),
-            pending_issue=7,
+                   Flag(("--out",), "out", "ONNX file", metavar="FILE.onnx"),
+                   Flag(("--size",), "size", "input size traced and checked (the size of a fixed-size graph)",
+                        metavar="[H,W]"),
+                   Flag(("--opset",), "opset", "ONNX opset (>= 17)", metavar="N")),
+            config_cls=ExportConfig, run=_run_export,
         ),
         Command(
             "bench", "many recipes x seeds on one benchmark, one table",
             """\
-            sfdaseg bench --recipes selftrain,stvm,diga_sf --seeds 3 --out runs/bench""",
-            flags=(Flag(("--recipes",), "recipes", "comma-separated recipe names", metavar="a,b"),
+            sfdaseg bench --recipes selftrain,stvm,diga_sf --seeds 3 --out runs/bench   # built-in benchmark
+            sfdaseg bench --ablations --source-checkpoint runs/demo/source/model.ckpt \\
+                oracle_checkpoint=runs/demo/oracle/model.ckpt --out runs/bench_synthetic   # the README table
+            sfdaseg bench --recipes stvm --source-checkpoint gta5_source.ckpt --target cityscapes:/data/cs:train \\
+                --val cityscapes:/data/cs:val val_extra=[] oracle="" synthetic={} \\
+                adapt_config=configs/adapt/{recipe}_segformer_b5.yaml adapt_iters=40000""",
+            flags=(Flag(("--recipes",), "recipes", "comma-separated recipe names", metavar="a,b", comma_list=True),
                    Flag(("--seeds",), "seeds", "number of seeds", metavar="N"),
+                   Flag(("--ablations",), "ablations", "add one row per removed part of each recipe", switch=True),
+                   Flag(("--source-checkpoint",), "source_checkpoint", "reuse this source model", metavar="CKPT"),
+                   Flag(("--target",), "target", "unlabelled target images", metavar="DS"),
+                   Flag(("--val",), "val", "labelled target split that scores the results", metavar="DS"),
+                   Flag(("--device",), "device", "auto | cpu | cuda | cuda:N"),
                    Flag(("--out",), "out", "output folder", metavar="DIR")),
-            pending_issue=7,
+            config_cls=BenchConfig, run=_run_bench,
         ),
     ]
 }
@@ -213,7 +262,10 @@ def _flag_values(cmd: Command, ns: argparse.Namespace) -> dict[str, Any]:
         v = getattr(ns, f.key, None)
         if v is None:
             continue
-        out[f.key] = v if f.switch else parse_override(f"{f.key}={v}")[1]
+        if f.comma_list:
+            out[f.key] = [x.strip() for x in v.split(",") if x.strip()]
+        else:
+            out[f.key] = v if f.switch else parse_override(f"{f.key}={v}")[1]
     return out
 
 
@@ -222,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may sit before, between or after the flags: argparse's nargs="*" positional takes only
     # one contiguous group, so the rest come back as unknown arguments and are collected here.
     ns, unknown = parser.parse_known_args(argv)
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     stray = [a for a in unknown if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -238,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sfdaseg.data.datasets import DatasetError
     from sfdaseg.engine.checkpoint import CheckpointError
+    from sfdaseg.engine.trainer import NonFiniteLossError
     from sfdaseg.models import WeightsError
 
     try:
@@ -248,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, WeightsError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, OSError) as e:  # the run stopped, its last checkpoint is kept: no traceback needed
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        hint = "; free some space, then rerun with --resume (or resume=true)" if isinstance(e, OSError) else ""
+        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun with --resume (or resume=true) to continue", file=sys.stderr)
         return 130

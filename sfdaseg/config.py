@@ -587,6 +587,62 @@ class ExportConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``sfdaseg bench``: recipes x seeds on one benchmark, one markdown + JSON table.
+
+    Built-in benchmark by default; for real data give ``source_checkpoint`` (or a labelled ``source`` to train
+    one), the unlabelled ``target`` and a labelled ``val`` (used only to score the final models and snapshots).
+    """
+
+    recipes: list[str] = field(default_factory=lambda: ["selftrain", "stvm", "diga_sf"])
+    seeds: int = 3
+    ablations: bool = False  # add one row per removed part of each recipe (``ablation_seeds`` seeds)
+    ablation_seeds: int = 1
+    variants: dict[str, list[str]] = field(default_factory=dict)  # extra rows: name -> [recipe, overrides...]
+    out: str = "runs/bench"
+    source: str = "synthetic:source:train"  # labelled source data, to train the source model if none is given
+    source_checkpoint: str = ""
+    source_config: str = "configs/source/synthetic_tiny.yaml"
+    source_iters: int = 1000
+    target: str = "synthetic:target:train"  # unlabelled: only its images are read during adaptation
+    val: str = "synthetic:target:val"  # labelled target split: scores the results, never picks a checkpoint
+    val_extra: list[str] = field(default_factory=lambda: ["synthetic:shift:val"])  # held-out domains
+    oracle: str = "synthetic:target:train"  # labelled target *training* data for the oracle row; "" skips it
+    oracle_checkpoint: str = ""
+    adapt_config: str = "configs/adapt/{recipe}_synthetic.yaml"  # per-recipe base config; "" = recipe defaults
+    adapt_iters: int = 400
+    overrides: list[str] = field(default_factory=list)  # applied to every adaptation run (e.g. data.batch_size=4)
+    recipe_overrides: dict[str, list[str]] = field(default_factory=dict)  # recipe -> overrides for its runs only
+    snapshots: int = 4  # checkpoints per run kept for ranking the label-free signals (0: final only)
+    synthetic: dict[str, Any] = field(default_factory=lambda: {"size": [128, 256]})
+    val_length: int = 200  # built-in benchmark: images per val split
+    device: str = "auto"
+
+    def validate(self) -> None:
+        from sfdaseg.methods import RECIPES
+
+        _positive("seeds", self.seeds)
+        _positive("adapt_iters", self.adapt_iters)
+        if self.ablation_seeds < 0 or self.snapshots < 0:
+            raise ConfigError("ablation_seeds and snapshots: expected >= 0")
+        for r in self.recipes:
+            if r not in RECIPES:
+                raise ConfigError(f"recipes: unknown recipe '{r}'; choices: {', '.join(RECIPES)}."
+                                  f"{_suggest(r, list(RECIPES))}")
+        for name, spec in self.variants.items():
+            if not spec or spec[0] not in RECIPES:
+                raise ConfigError(f"variants.{name}: expected [recipe, overrides...] with a recipe among "
+                                  f"{', '.join(RECIPES)}, got {spec}")
+        if not self.source_checkpoint and not self.source:
+            raise ConfigError("source_checkpoint or source: one is needed to get a source model")
+        if self.source_checkpoint and not Path(self.source_checkpoint).is_file():
+            raise ConfigError(f"source_checkpoint: no such file: {self.source_checkpoint}")
+        if self.oracle_checkpoint and not Path(self.oracle_checkpoint).is_file():
+            raise ConfigError(f"oracle_checkpoint: no such file: {self.oracle_checkpoint}")
+        _check_dataset_specs("", target=self.target, val=self.val)
+
+
+@dataclass
 class DemoConfig:
     """``sfdaseg demo``: the whole story on the built-in benchmark, on a CPU in minutes."""
 

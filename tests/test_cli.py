@@ -30,8 +30,15 @@ def test_each_command_has_help_with_examples(name, capsys):
 
 
 def test_pending_commands_say_so(capsys):
-    assert main(["predict", "--images", "x"]) == 2
-    assert "not available in this version yet" in capsys.readouterr().err
+    # bench and distill land separately: whichever is still pending must say so (the list may become empty).
+    for name in ("bench", "distill"):
+        if COMMANDS[name].run is None:
+            assert main([name, "--out", "x"]) == 2
+            assert "not available in this version yet" in capsys.readouterr().err
+    for name in ("predict", "export"):  # implemented: they run (here they stop at the missing checkpoint)
+        assert COMMANDS[name].run is not None and COMMANDS[name].pending_issue is None
+        assert main([name, "--checkpoint", "missing.ckpt"]) == 2
+        assert "checkpoint: no such file: missing.ckpt" in capsys.readouterr().err
 
 
 def test_unknown_key_error_names_key_and_suggests(capsys):
