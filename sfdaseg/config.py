@@ -489,6 +489,7 @@ class EvaluateConfig:
     on_error: str = choices("raise", "skip", default="raise")
     synthetic: dict[str, Any] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cost: bool = True  # also report params, GFLOPs and latency of one forward at the evaluation size
 
     def validate(self) -> None:
         if not self.checkpoint:
@@ -718,6 +719,79 @@ class MonitorConfig:
 
 
 @dataclass
+class PipelineAuxConfig:
+    """One auxiliary model of a multi-stage run (an item of ``stages.aux``): stage 1 adapts it in OUT/stage1_<name>."""
+
+    name: str = ""  # the stage folder's suffix: letters, digits, '_' and '-'
+    checkpoint: str = ""  # its source model (any registered architecture)
+    overrides: list[str] = field(default_factory=list)  # key=value overrides of this stage's adapt config
+
+
+@dataclass
+class PipelineEnsembleConfig:
+    """Cross-model transfer (``stages.ensemble``): the adapted auxiliary models label the target images together."""
+
+    mc_passes: int = 8  # MC-dropout passes of each model's classifier (0: one deterministic pass, softmax entropy)
+    measure: str = choices("entropy", "variance", default="entropy", help="MC-dropout statistic behind a model's certainty")
+    weighting: str = choices("certainty", "uniform", default="certainty",
+                             help="per-pixel model weights: normalised certainties, or a plain average")
+    batch_size: int | None = None  # images per labelling batch; None: data.val_batch_size
+
+
+@dataclass
+class PipelineStudentConfig:
+    """Stage 2 (``stages.student``): the efficient model (``checkpoint``) learns from the ensemble's labels."""
+
+    overrides: list[str] = field(default_factory=list)  # key=value overrides of this stage's adapt config
+
+
+# Set by the pipeline for every stage: a stage's overrides may not change them.
+_PIPELINE_FIXED_KEYS = ("recipe", "checkpoint", "stages", "train.out", "train.resume")
+
+
+def _check_stage_overrides(key: str, overrides: Sequence[str]) -> None:
+    for o in overrides:
+        name, _ = parse_override(o)
+        if name in _PIPELINE_FIXED_KEYS or name.startswith("stages."):
+            raise ConfigError(f"{key}: {o!r} sets {name}, which the pipeline sets for every stage "
+                              f"({', '.join(_PIPELINE_FIXED_KEYS)} are fixed)")
+
+
+@dataclass
+class PipelineConfig:
+    """The ``stages`` section of an adapt config: a multi-stage UniSFDA run (see ``sfdaseg.runs.pipeline``)."""
+
+    aux: list[dict[str, Any]] = field(default_factory=list)  # one {name, checkpoint, overrides} per auxiliary model
+    ensemble: PipelineEnsembleConfig = field(default_factory=PipelineEnsembleConfig)
+    student: PipelineStudentConfig = field(default_factory=PipelineStudentConfig)
+
+    def aux_configs(self) -> list[PipelineAuxConfig]:
+        return [from_dict(PipelineAuxConfig, a, source="the config", prefix=f"stages.aux[{i}].")
+                for i, a in enumerate(self.aux)]
+
+    def validate(self) -> None:
+        auxes = self.aux_configs()
+        if not auxes:
+            raise ConfigError("stages.aux: expected at least one auxiliary model, e.g. [{name: a, checkpoint: a.ckpt}]")
+        seen: set[str] = set()
+        for i, a in enumerate(auxes):
+            key = f"stages.aux[{i}]"
+            if not a.name or not a.name.replace("_", "").replace("-", "").isalnum():
+                raise ConfigError(f"{key}.name: expected a folder name of letters, digits, '_' and '-', got {a.name!r}")
+            if a.name in seen:
+                raise ConfigError(f"{key}.name: {a.name!r} is used twice (each auxiliary model gets its own folder)")
+            seen.add(a.name)
+            if not a.checkpoint:
+                raise ConfigError(f"{key}.checkpoint: required (the auxiliary model's source checkpoint)")
+            _check_stage_overrides(f"{key}.overrides", a.overrides)
+        _check_stage_overrides("stages.student.overrides", self.student.overrides)
+        if self.ensemble.mc_passes < 0:
+            raise ConfigError(f"stages.ensemble.mc_passes: expected >= 0, got {self.ensemble.mc_passes}")
+        if self.ensemble.batch_size is not None:
+            _positive("stages.ensemble.batch_size", self.ensemble.batch_size)
+
+
+@dataclass
 class AdaptConfig:
     """``sfdaseg adapt``: source-free adaptation of a source checkpoint to unlabelled target images."""
 
@@ -726,11 +800,14 @@ class AdaptConfig:
     export: str = choices("teacher", "student", default="teacher",
                           help="which model the run delivers (recipes without a teacher deliver the student)")
     method: dict[str, Any] = field(default_factory=dict)  # the recipe's hyper-parameters (checked by the recipe)
+    # Non-empty: a multi-stage UniSFDA run (PipelineConfig; `checkpoint` is then the final, efficient model's source).
+    stages: dict[str, Any] = field(default_factory=dict)
     data: AdaptDataConfig = field(default_factory=AdaptDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=0.01))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/adapt"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    report: bool = True  # RUN/report.md + report.html: curves, signals, before/after, example predictions
 
     def validate(self) -> None:
         from sfdaseg.methods import RECIPES
@@ -743,6 +820,10 @@ class AdaptConfig:
         if not Path(self.checkpoint).is_file():
             raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
         from_dict(RECIPES[self.recipe].config_cls, self.method, source="the config", prefix="method.")
+        if self.stages:
+            if self.recipe != "unisfda":
+                raise ConfigError(f"stages: a multi-stage run uses recipe unisfda, got recipe={self.recipe!r}")
+            self.pipeline_config()
         validate_sections(self)
 
     def method_config(self) -> Any:
@@ -752,3 +833,53 @@ class AdaptConfig:
         if hasattr(cfg, "validate"):
             cfg.validate()
         return cfg
+
+    def pipeline_config(self) -> PipelineConfig:
+        """The typed, validated ``stages`` section."""
+        cfg = from_dict(PipelineConfig, self.stages, source="the config", prefix="stages.")
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class DistillConfig:
+    """``sfdaseg distill``: distil 1..N frozen adapted teachers into one student on unlabelled target images.
+
+    The student is ``model`` (random initialisation) or ``student_checkpoint`` (e.g. a small source model; its
+    architecture unless ``model`` says otherwise, for a foreign weights file). Loss: ``kd_weight * T^2 *
+    KL(mean of the teachers' softmax at T || student at T) + ce_weight * CE(student, argmax of the mean softmax)``.
+    """
+
+    teachers: list[str] = field(default_factory=list)  # adapted checkpoints, frozen; their softmax is averaged
+    model: str | None = None  # student architecture; None: that of student_checkpoint
+    model_options: dict[str, Any] = field(default_factory=dict)  # student builder options, e.g. {width: 8}
+    student_checkpoint: str | None = None  # initial student weights (local file); None: random initialisation
+    temperature: float = 2.0  # T of the KL term (T^2-scaled)
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0  # CE on the teachers' averaged hard labels
+    photometric: bool = False  # perturb the student's view (the teachers see the clean one)
+    data: AdaptDataConfig = field(default_factory=AdaptDataConfig)  # target (unlabelled), val (at the end only)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.01))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/distill"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        from sfdaseg.models import MODELS
+
+        if not self.teachers:
+            raise ConfigError("teachers: required (--teachers CKPT[,CKPT] or teachers=[...]): adapted checkpoints")
+        for i, t in enumerate(self.teachers):
+            if not Path(t).is_file():
+                raise ConfigError(f"teachers[{i}]: no such file: {t}")
+        if self.model is None and not self.student_checkpoint:
+            raise ConfigError("model: required (--model NAME), unless --student-checkpoint gives the student")
+        if self.model is not None and self.model not in MODELS:
+            raise ConfigError(f"model: unknown model '{self.model}'; choices: {', '.join(MODELS)}."
+                              f"{_suggest(self.model, list(MODELS))}")
+        if self.student_checkpoint and not Path(self.student_checkpoint).is_file():
+            raise ConfigError(f"student_checkpoint: no such file: {self.student_checkpoint}")
+        _positive("temperature", self.temperature)
+        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
+            raise ConfigError(f"kd_weight, ce_weight: expected >= 0 and not both 0, got {self.kd_weight}, "
+                              f"{self.ce_weight}")
+        validate_sections(self)

@@ -110,3 +110,36 @@ def test_monitor_can_be_switched_off(tmp_path, source_ckpt):
         "train.iters=1", "monitor.every=-1"])
     run_adapt(cfg)
     assert not (run / "selection.jsonl").exists()
+
+
+def test_adapt_writes_a_report_with_curves_signals_and_before_after(tmp_path, source_ckpt):
+    run = tmp_path / "run"
+    cfg = load_config(AdaptConfig, overrides=[
+        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
+        "data.synthetic={size: [32, 64], length: 8}", "data.crop=[32,64]", "data.batch_size=2",
+        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
+        "train.iters=4", "train.log_every=1", "train.eval_every=2", "monitor.every=2", "monitor.images=4",
+        "data.val=synthetic:target:val", "data.val_extra=[synthetic:shift:val]"])
+    run_adapt(cfg)
+    report = (run / "report.md").read_text()
+    for section in ("## Training curves", "## Label-free signals", "## Validation mIoU over time",
+                    "## Per-class IoU before / after", "## Held-out domains", "## Example predictions",
+                    "## Resolved config"):
+        assert section in report, section
+    assert "| **mIoU** |" in report and "synthetic:shift:val" in report
+    for fig in ("training", "signals", "val", "predictions"):
+        assert (run / "figures" / f"{fig}.png").stat().st_size > 1000
+    html = (run / "report.html").read_text()
+    assert "<table>" in html and 'src="figures/predictions.png"' in html
+
+
+def test_report_without_labels_shows_target_predictions_only(tmp_path, source_ckpt):
+    run = tmp_path / "run"
+    cfg = load_config(AdaptConfig, overrides=[
+        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
+        "data.synthetic={size: [32, 64], length: 4}", "data.crop=[32,64]", "data.batch_size=2",
+        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
+        "train.iters=1"])
+    run_adapt(cfg)
+    report = (run / "report.md").read_text()
+    assert "## Example predictions" in report and "## Per-class IoU" not in report

@@ -55,15 +55,23 @@ def run_adapt(cfg: AdaptConfig) -> Path:
         # with what the random crop/flip/scale of every step cuts out.
         base = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
                                  on_error=d.on_error, synthetic=d.synthetic)
-        fingerprint = model_fingerprint(model, extra={
-            "scales": list(method_cfg.offline_scales), "resize": d.resize, "target": d.target,
-            "synthetic": d.synthetic})
-        cache = OfflineLabelCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), fingerprint=fingerprint)
-        if dist_info.is_main:
-            log(f"offline pseudo-labels: {cache.folder} (model {fingerprint[:12]})")
-            build_offline_labels(model, base, cache, device=device, batch_size=d.val_batch_size,
-                                 scales=tuple(method_cfg.offline_scales), amp=cfg.train.amp,
-                                 num_workers=d.num_workers, progress=cfg.train.progress)
+        # A recipe may store an uncertainty in the confidence channel (its settings key the cache), or bring a
+        # finished cache that other models wrote (e.g. an ensemble): that one is read as it is.
+        options = method_cfg.offline_label_options() if hasattr(method_cfg, "offline_label_options") else {}
+        if getattr(method_cfg, "offline_cache", None):
+            cache = OfflineLabelCache.from_folder(method_cfg.offline_cache)
+            log(f"offline pseudo-labels: {cache.folder} (given by method.offline_cache)", dist_info=dist_info)
+        else:
+            fingerprint = model_fingerprint(model, extra={
+                "scales": list(method_cfg.offline_scales), "resize": d.resize, "target": d.target,
+                "synthetic": d.synthetic, **options})
+            cache = OfflineLabelCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
+                                      fingerprint=fingerprint)
+            if dist_info.is_main:
+                log(f"offline pseudo-labels: {cache.folder} (model {fingerprint[:12]})")
+                build_offline_labels(model, base, cache, device=device, batch_size=d.val_batch_size,
+                                     scales=tuple(method_cfg.offline_scales), amp=cfg.train.amp,
+                                     num_workers=d.num_workers, progress=cfg.train.progress, **options)
         barrier()
         train_ds = WithOfflineLabels(base, cache, transform=train_tf)
         target_ctx = WithOfflineLabels(base, cache)
@@ -106,15 +114,59 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     path = trainer.train(resume=cfg.train.resume)
 
     extra = {name: l for name, l in loaders.items() if name != "val"}
+    results: dict[str, Any] = {}
     if extra:
         adapted = task.export_model()
-        results: dict[str, Any] = {name: evaluate_model(adapted, l, device=device, eval_cfg=cfg.eval).to_dict()
-                                   for name, l in extra.items()}
+        results = {name: evaluate_model(adapted, l, device=device, eval_cfg=cfg.eval).to_dict()
+                   for name, l in extra.items()}
         if dist_info.is_main:
             (run_dir / "eval_extra.json").write_text(json.dumps(results, indent=2))
             for name, r in results.items():
                 log(f"{name}: mIoU {r['miou']:.2f}")
+    if cfg.report and dist_info.is_main:
+        report = _write_report(cfg, task.export_model(), classes, device, run_dir, loaders, results)
+        log(f"report: {report}")
     return path
+
+
+@torch.no_grad()
+def _write_report(cfg: AdaptConfig, adapted, classes, device, run_dir: Path, loaders: dict, extra_results: dict):
+    """report.md / report.html: the source model is reloaded to show before vs after on the same images."""
+    from sfdaseg.data.transforms import to_model_input
+    from sfdaseg.losses import resize_logits
+    from sfdaseg.report import write_adapt_report
+
+    d = cfg.data
+    source = load_model(cfg.checkpoint, map_location="cpu")[0].to(device).eval()
+    was_training = adapted.training
+    adapted.eval()
+    if "val" in loaders:  # labelled examples when there is a labelled split, else target images only
+        ds = loaders["val"].dataset
+    else:
+        ds = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
+                               on_error=d.on_error, synthetic=d.synthetic)
+    samples = [ds[i] for i in range(min(4, len(ds)))]
+    samples = [s for s in samples if tuple(s["image"].shape) == tuple(samples[0]["image"].shape)]
+    images = torch.stack([s["image"] for s in samples])
+    labels = torch.stack([s["mask"] for s in samples]) if "mask" in samples[0] else None
+    x = to_model_input(images.to(device))
+    preds, maps = {}, {}
+    for name, m in (("source-only", source), ("adapted", adapted)):
+        probs = torch.softmax(resize_logits(m(x), tuple(x.shape[-2:])).float(), dim=1)
+        preds[name] = probs.argmax(1).cpu()
+        maps[f"{name} confidence"] = probs.max(1).values.cpu()
+    per_class = None
+    eval_json = run_dir / "eval.json"
+    if "val" in loaders and eval_json.exists():
+        per_class = {"source-only": evaluate_model(source, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict(),
+                     "adapted": json.loads(eval_json.read_text())}
+    extra = {name: {"source-only": evaluate_model(source, loaders[name], device=device,
+                                                  eval_cfg=cfg.eval).to_dict()["miou"],
+                    "adapted": r["miou"]} for name, r in extra_results.items()}
+    adapted.train(was_training)
+    return write_adapt_report(run_dir, recipe=cfg.recipe, classes=classes, predictions=preds, images=images,
+                              labels=labels, maps=maps, per_class=per_class, extra=extra or None)
+
 
 
 def _build_monitor(cfg: AdaptConfig, model, classes, device, run_dir: Path, *, config: dict, meta: dict):
