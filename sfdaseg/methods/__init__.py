@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sfdaseg.methods import diga_sf, selftrain, stvm
+from sfdaseg.methods import diga_sf, selftrain, sfda_liu, stvm
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,7 @@ RECIPES: dict[str, Recipe] = {
                    stvm.STvMConfig, stvm.build),
     "diga_sf": Recipe("diga_sf", "DiGA, source-free: bilateral consensus + cross-view distillation + target ClassMix",
                       diga_sf.DiGAConfig, diga_sf.build),
+    "sfda_liu": Recipe("sfda_liu", "SFDA (Liu et al. 2021): generator inverting BN statistics + adversarial "
+                       "distillation + MaxSquare + patch-level self-supervision (IPSM)",
+                       sfda_liu.SFDALiuConfig, sfda_liu.build),
 }
