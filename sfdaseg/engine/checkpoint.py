@@ -76,14 +76,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where Linux allows; mkstemp's files are 0600 otherwise)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _ErrorKeepingWriter:
+    """A file wrapper that remembers the first ``OSError`` of a write.
+
+    ``torch.save`` writes through a C++ zip writer that turns an exception raised by ``file.write`` (e.g.
+    ``ENOSPC``, disk full) into an unrelated ``RuntimeError`` ("unexpected pos ..."); the error kept here is
+    re-raised instead, so the message says what happened.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
+    writer: _ErrorKeepingWriter | None = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if hasattr(os, "fchmod"):  # the permissions of a plain open(), not mkstemp's private 0600
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            writer = _ErrorKeepingWriter(f)
+            write(writer)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -91,12 +129,15 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         # The previous file (if any) is untouched: only the temporary file is removed.
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            e = writer.error  # the OS error behind a serializer's RuntimeError
+        kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
         if isinstance(e, OSError):
             if e.errno is None:
-                raise OSError(f"could not write {path}: {e}") from e
-            raise type(e)(e.errno, f"could not write {path}: {e.strerror or e}") from e
+                raise OSError(f"could not write {path}: {e}{kept}") from e
+            raise type(e)(e.errno, f"could not write {path}: {e.strerror or e}{kept}") from e
         if isinstance(e, Exception):
-            raise CheckpointError(f"could not write {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"could not write {path}: {type(e).__name__}: {e}{kept}") from e
         raise
     _fsync_dir(path.parent)
     return path

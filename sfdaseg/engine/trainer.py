@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from sfdaseg.config import OptimConfig, TrainConfig
-from sfdaseg.engine.checkpoint import atomic_save, safe_load
+from sfdaseg.config import ConfigError, OptimConfig, TrainConfig
+from sfdaseg.engine.checkpoint import CheckpointError, atomic_save, safe_load
 from sfdaseg.engine.distributed import DistInfo, SeededDataset, StreamSampler, barrier, sample_seed
+from sfdaseg.engine.rundir import trim_metrics
 
 STATE_FILE = "state.pt"  # everything needed to resume
 MODEL_FILE = "model.ckpt"  # the deliverable: a model checkpoint in the library's format
@@ -183,6 +184,22 @@ class Trainer:
         )
         return iter(loader)
 
+    def _next_batch(self, data: Iterator[dict]) -> dict:
+        try:
+            batch = next(data)
+        except RuntimeError as e:  # "DataLoader worker (pid(s) ...) exited unexpectedly / is killed by signal"
+            if "DataLoader worker" not in str(e):
+                raise
+            raise RuntimeError(f"{e}. Rerun with data.num_workers=0 to see the error in the main process; a worker "
+                               "killed by the system is often out of memory (lower data.num_workers, "
+                               "data.batch_size or data.crop)") from e
+        if isinstance(batch.get("image"), list):  # collate keeps samples of different sizes as a list
+            sizes = sorted({tuple(im.shape[-2:]) for im in batch["image"]})
+            raise ConfigError(f"a training batch holds images of different sizes {sizes} (H, W) "
+                              f"({', '.join(map(str, batch.get('name', [])[:4]))}); set data.crop=[H, W] "
+                              "(or data.resize) so that every sample has one size, or data.batch_size=1")
+        return batch
+
     def _to_device(self, batch: dict) -> dict:
         out = {}
         for k, v in batch.items():
@@ -222,14 +239,19 @@ class Trainer:
     def load_state(self, path: Path) -> None:
         state = safe_load(path, map_location=self.device)
         if state.get("format") != "sfdaseg-train-state":
-            raise ValueError(f"{path}: not an sfdaseg training state (format={state.get('format')!r})")
+            raise CheckpointError(f"{path}: not an sfdaseg training state (format={state.get('format')!r})")
         missing = set(self.modules) ^ set(state["modules"])
         if missing:
-            raise ValueError(f"{path}: the saved run trained modules {sorted(state['modules'])}, "
-                             f"this run trains {sorted(self.modules)}")
-        for k, m in self.modules.items():
-            m.load_state_dict(state["modules"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
+            raise CheckpointError(f"{path}: the saved run trained modules {sorted(state['modules'])}, "
+                                  f"this run trains {sorted(self.modules)}")
+        try:
+            for k, m in self.modules.items():
+                m.load_state_dict(state["modules"][k])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another model, model.options or optimizer
+            first = str(e).strip().splitlines()[:3]
+            raise CheckpointError(f"{path}: the saved run does not fit this run's model/optimizer (was model.*, "
+                                  f"optim.* or the class list changed?): {' '.join(first)}") from e
         self.scaler.load_state_dict(state["scaler"])
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(state["task"])
@@ -280,6 +302,8 @@ class Trainer:
         if resume and state_path.exists():
             self.load_state(state_path)
             log(f"resumed from {state_path} at step {self.step}", dist_info=self.dist)
+        if resume and self.dist.is_main:
+            trim_metrics(self.metrics_file, self.step)  # drop what a killed run logged after its last checkpoint
         cfg = self.cfg
         global_batch = self.batch_size * cfg.accumulate * self.dist.world_size
         data = self._loader(self.step * global_batch)
@@ -311,7 +335,7 @@ class Trainer:
             step_loss = torch.zeros((), device=self.device)
             for micro in range(cfg.accumulate):
                 t0 = time.perf_counter()
-                batch = self._to_device(next(data))
+                batch = self._to_device(self._next_batch(data))
                 wait_time += time.perf_counter() - t0
                 last = micro == cfg.accumulate - 1
                 sync_ctx = contextlib.ExitStack()

@@ -10,7 +10,7 @@ from sfdaseg.config import ConfigError, TrainSourceConfig, to_dict
 from sfdaseg.data.transforms import build_train_transform, collate
 from sfdaseg.engine.checkpoint import save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
-from sfdaseg.engine.rundir import prepare_run_dir
+from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
 from sfdaseg.engine.trainer import Trainer, log
 from sfdaseg.methods.source import SupervisedSegmentation
 from sfdaseg.models import build_model
@@ -20,10 +20,9 @@ from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
 def run_train_source(cfg: TrainSourceConfig) -> Path:
     """Train, evaluate on ``data.val`` (if given) and return the path of ``model.ckpt``."""
     dist_info, device = init_distributed(cfg.train.device)
-    if dist_info.is_main:
-        run_dir = prepare_run_dir(cfg.train.out, cfg=cfg, resume=cfg.train.resume, command="train-source")
-    barrier()
     run_dir = Path(cfg.train.out)
+    if dist_info.is_main:  # rank 0 only: the others might see the folder rank 0 has just created
+        check_run_dir(run_dir, resume=cfg.train.resume)  # an existing run is refused before any work
 
     d = cfg.data
     transform = build_train_transform(resize=d.resize, scale_range=tuple(d.scale_range), crop=d.crop,
@@ -49,6 +48,11 @@ def run_train_source(cfg: TrainSourceConfig) -> Path:
         def evaluate(m):
             return evaluate_model(m, loader, device=device, eval_cfg=cfg.eval).to_dict()
 
+    # The run folder is created once the data and the model are known to be usable: a run refused for bad input
+    # leaves no folder behind that would block the corrected command.
+    if dist_info.is_main:
+        prepare_run_dir(run_dir, cfg=cfg, resume=cfg.train.resume, command="train-source")
+    barrier()
     config = to_dict(cfg)
     trainer = Trainer(
         SupervisedSegmentation(model, ignore_index=classes.ignore_index), train_ds,
