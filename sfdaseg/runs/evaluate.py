@@ -29,7 +29,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                    "eval_size": list(cfg.resize) if cfg.resize else "native", "mode": cfg.eval.mode,
                    "flip": cfg.eval.flip, "scales": list(cfg.eval.scales)})
     if get_dist_info().is_main:
-        log(metrics.format_table())
+        table = metrics.format_table()
+        if cfg.cost:
+            from sfdaseg.evaluation.cost import format_cost, model_cost
+
+            # The size of the first evaluation image after resizing: what one whole-image forward sees. The
+            # latency passes stop after 30 s, so a large model on a CPU does not hold the evaluation up for minutes.
+            size = tuple(loader.dataset[0]["image"].shape[-2:])
+            result["cost"] = model_cost(model, size=size, device=device, amp=cfg.eval.amp, max_time_s=30.0)
+            table += "\n" + format_cost(result["cost"])
+        log(table)
         if cfg.json:
             Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.json).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,229 @@
+"""``duda``: adaptation that delivers a lightweight model (DUDA, made source-free).
+
+Three networks (DUDA's structure, published): a **large auxiliary student** (the source checkpoint given by
+``checkpoint``), its **EMA teacher** (EMA only between these two, which share one architecture), and a **small
+student** that is the deployed model (``method.student``, e.g. ``lraspp_mobilenet_v3_large``, ``segformer_b0``,
+or ``tiny`` with a smaller ``width`` on the built-in benchmark). Both students are trained in the one optimizer
+(two module groups).
+
+Per step, on a batch of unlabelled target crops ``x`` (the weak view):
+
+1. the teacher(s) label ``x``: the EMA teacher's softmax, averaged with that of every extra adapted checkpoint
+   in ``method.teachers`` (multiple teachers, published; equal weights are ours); a selection policy gives one-hot
+   pseudo-labels and pixel weights (selftrain's policies, default the DAFormer confidence-ratio weight);
+2. the same strong view as ``selftrain``: batched photometric augmentation, then target-to-target ClassMix; the
+   teacher probabilities at temperature ``T`` are mixed with the same mask;
+3. both students learn from the one-hot pseudo-labels (weighted CE) on the mixed view;
+4. the small student also gets **gradual large-to-small distillation**: ``T^2 * KL(p_teacher,T || small_T)``
+   whose weight ramps linearly from 0 at step 0 to ``kd_weight`` at ``kd_ramp`` of the schedule (the paper's
+   "stage 1 then stage 2" in one run);
+5. and the **inconsistency loss**: class weights ``w_c = 1 - IoU_c(small student's argmax, pseudo-labels)``
+   computed on the batch, normalised to mean 1 over the classes present in the pseudo-labels, weight the small
+   student's CE, so the classes it has adapted worst count more.
+
+Loss = ``large_weight * CE_large + CE_small + inconsistency_weight * CE_small(w_c) + kd_weight * ramp * KD``.
+
+Reconstructed (DUDA's text was not available; the mechanisms are published, these forms are ours, all
+configurable): the KL form with ``T^2`` scaling and ``T = 2``; the linear ramp over half the schedule; the
+batch-level ``1 - IoU`` class weights and their normalisation; equal-weight averaging of the teachers; summing
+stage 1 and stage 2 into one schedule. Source-free: no source CE; both students start from source-trained
+weights when ``method.student_checkpoint`` gives a small *source* model (the fair setting). Without it the small
+student starts from a random initialisation (nothing is downloaded; a local ImageNet backbone file may be
+given as ``student_checkpoint`` together with ``student``), which is a harder, different setting.
+
+Delivered model: the small student (``method.deliver=small``, default), whatever the run-level ``export`` key
+says: for DUDA "the student" is ambiguous and the point of the method is the small model.
+``method.deliver=large_teacher`` delivers the large EMA teacher instead (e.g. to use it as a teacher of a later
+``sfdaseg distill``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sfdaseg.augment import classmix, classmix_masks, photometric_augment
+from sfdaseg.config import ConfigError, choices
+from sfdaseg.data.classes import IGNORE_INDEX
+from sfdaseg.data.transforms import to_model_input
+from sfdaseg.distill import average_probs, build_student, check_same_classes, kd_loss, load_teachers, ramp, \
+    teacher_logits
+from sfdaseg.engine.trainer import StepOutput
+from sfdaseg.losses import resize_logits, seg_cross_entropy
+from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
+from sfdaseg.models.ema import EMATeacher
+from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels
+
+
+@dataclass
+class DUDAConfig:
+    student: str | None = None  # small architecture; None: student_checkpoint's, else lraspp_mobilenet_v3_large
+    student_options: dict[str, Any] = field(default_factory=dict)  # its builder options, e.g. {width: 8} for tiny
+    student_checkpoint: str | None = None  # a small *source* model (the fair setting); None: random initialisation
+    teachers: list[str] = field(default_factory=list)  # extra adapted checkpoints averaged with the EMA teacher
+    ema_momentum: float = 0.999
+    policy: str = choices(*POLICIES, default="ratio", help="pseudo-label selection / weighting")
+    tau: float = 0.968  # confidence threshold (DAFormer)
+    percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
+    classmix: bool = True
+    photometric: bool = True
+    large_weight: float = 1.0  # CE of the large auxiliary student
+    temperature: float = 2.0  # of the large-to-small KL (reconstructed)
+    kd_weight: float = 1.0  # KL weight at the end of the ramp (reconstructed)
+    kd_ramp: float = 0.5  # fraction of the schedule over which the KL weight rises linearly from 0 (reconstructed)
+    inconsistency_weight: float = 1.0  # class-weighted CE of the small student (reconstructed)
+    deliver: str = choices("small", "large_teacher", default="small", help="the model the run delivers")
+    schedule_iters: int | None = None  # steps the ramp refers to; None: the run's train.iters
+
+    def validate(self) -> None:
+        from sfdaseg.models import MODELS
+
+        if self.student is not None and self.student not in MODELS:
+            raise ConfigError(f"method.student: unknown model {self.student!r}; choices: {', '.join(MODELS)}")
+        if self.student_checkpoint and not Path(self.student_checkpoint).is_file():
+            raise ConfigError(f"method.student_checkpoint: no such file: {self.student_checkpoint}")
+        for i, t in enumerate(self.teachers):
+            if not Path(t).is_file():
+                raise ConfigError(f"method.teachers[{i}]: no such file: {t}")
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature: expected a positive temperature, got {self.temperature}")
+        if not 0.0 <= self.kd_ramp <= 1.0:
+            raise ConfigError(f"method.kd_ramp: expected a fraction of the schedule in [0, 1], got {self.kd_ramp}")
+        for key in ("large_weight", "kd_weight", "inconsistency_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key}: expected >= 0, got {getattr(self, key)}")
+        if self.schedule_iters is not None and self.schedule_iters <= 0:
+            raise ConfigError(f"method.schedule_iters: expected a positive number or null, got {self.schedule_iters}")
+
+
+def inconsistency_class_weights(student_label: Tensor, teacher_label: Tensor, *, num_classes: int,
+                                ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per-class weights ``w_c`` proportional to ``1 - IoU_c(student, teacher)`` on this batch.
+
+    IoU is computed over the pixels the teacher labels (``ignore_index`` excluded). Classes absent from the
+    teacher's labels get 0 (no pixel of the CE carries them); the others are scaled to mean 1, so the class-
+    weighted CE stays on the scale of the plain CE. Perfect agreement gives all zeros.
+
+    Args:
+        student_label: ``(B, H, W)`` integer argmax of the student.
+        teacher_label: ``(B, H, W)`` integer pseudo-labels, ``ignore_index`` where dropped.
+    Returns:
+        ``(C,)`` float32 on the labels' device.
+    """
+    if student_label.shape != teacher_label.shape:
+        raise ValueError(f"inconsistency_class_weights: label shapes differ: {tuple(student_label.shape)} vs "
+                         f"{tuple(teacher_label.shape)}")
+    c = int(num_classes)
+    t = teacher_label.long().reshape(-1)
+    s = student_label.long().reshape(-1)
+    valid = (t != ignore_index) & (t >= 0) & (t < c)
+    t_b = torch.where(valid, t, c)  # bucket c: not counted
+    s_b = torch.where(valid & (s >= 0) & (s < c), s, c)
+    ones = torch.ones_like(t, dtype=torch.float32)
+    n_t = torch.zeros(c + 1, device=t.device).index_add_(0, t_b, ones)[:c]
+    n_s = torch.zeros(c + 1, device=t.device).index_add_(0, s_b, ones)[:c]
+    tp = torch.zeros(c + 1, device=t.device).index_add_(0, torch.where(s_b == t_b, t_b, c), ones)[:c]
+    iou = tp / (n_t + n_s - tp).clamp_min(1.0)
+    present = (n_t > 0).float()
+    dis = (1.0 - iou) * present
+    mean = dis.sum() / present.sum().clamp_min(1.0)
+    return dis / mean.clamp_min(1e-6)
+
+
+def _schedule_iters(ctx: AdaptContext, cfg: DUDAConfig) -> int:
+    """The run's length, which the KD ramp refers to: ``method.schedule_iters``, else the run's ``train.iters``.
+
+    The adaptation context does not carry the schedule (yet: a ``ctx.iters`` attribute is used when present), so
+    ``train.iters`` is read from the resolved ``config.yaml`` that ``sfdaseg adapt`` writes into the run folder
+    before the recipe is built.
+    """
+    if cfg.schedule_iters:
+        return int(cfg.schedule_iters)
+    iters = getattr(ctx, "iters", None)
+    if iters:
+        return int(iters)
+    if ctx.run_dir is not None and (Path(ctx.run_dir) / "config.yaml").is_file():
+        import yaml
+
+        resolved = yaml.safe_load((Path(ctx.run_dir) / "config.yaml").read_text()) or {}
+        iters = (resolved.get("train") or {}).get("iters")
+        if isinstance(iters, int) and iters > 0:
+            return iters
+    raise ConfigError("method.schedule_iters: the run's train.iters is not known here; set method.schedule_iters "
+                      "to the number of steps the KD ramp refers to")
+
+
+class DUDA(TeacherStudentTask):
+    def __init__(self, ctx: AdaptContext, cfg: DUDAConfig) -> None:
+        small = build_student(cfg.student, classes=ctx.classes, checkpoint=cfg.student_checkpoint,
+                              options=cfg.student_options, keys=("method.student", "method.student_checkpoint"))
+        small.to(ctx.device)
+        super().__init__(ctx.model, EMATeacher(ctx.model, momentum=cfg.ema_momentum), export=ctx.export,
+                         extra_trainable={"small": small})
+        self.small = small
+        self.cfg = cfg
+        self.num_classes = ctx.classes.num_classes
+        self.ignore = ctx.classes.ignore_index
+        self.extra_teachers: list[nn.Module] = []
+        if cfg.teachers:
+            self.extra_teachers, classes = load_teachers(cfg.teachers, device=ctx.device)
+            check_same_classes(ctx.classes, "the source checkpoint", classes, cfg.teachers[0], what="method.teachers")
+        self.total_iters = _schedule_iters(ctx, cfg)
+
+    def kd_weight(self, step: int) -> float:
+        """The KL weight at ``step``: 0 at step 0, ``kd_weight`` from ``kd_ramp * total`` steps on."""
+        return self.cfg.kd_weight * ramp(step, self.total_iters, self.cfg.kd_ramp)
+
+    def training_step(self, batch: dict, step: int) -> StepOutput:
+        cfg = self.cfg
+        x = to_model_input(batch["image"])  # (B, 3, H, W) weak view
+        size = tuple(x.shape[-2:])
+        with torch.no_grad():
+            logits = teacher_logits([self.teacher, *self.extra_teachers], x, size=size)
+            probs = average_probs(logits)  # (B, C, H, W) at T = 1: the pseudo-labels
+            conf, label = probs.max(1)
+            t_soft = probs if cfg.temperature == 1.0 else average_probs(logits, temperature=cfg.temperature)
+            del logits
+            label, weight = select_pseudo_labels(cfg.policy, conf, label, num_classes=self.num_classes,
+                                                 tau=cfg.tau, percentile=cfg.percentile, ignore_index=self.ignore)
+            stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
+            xs = photometric_augment(x) if cfg.photometric else x
+            x_mix, y_mix, w_mix, t_mix = xs, label, weight, t_soft
+            if cfg.classmix:
+                mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)
+                x_mix, y_mix, w_mix, t_mix = classmix(mask, xs, label, weight, t_soft)
+        large = self.net(x_mix)
+        small = resize_logits(self.wrapped.get("small", self.small)(x_mix), size)  # upsampled once, used 3x
+        loss_large = seg_cross_entropy(large, y_mix, ignore_index=self.ignore, pixel_weight=w_mix)
+        loss_ce = seg_cross_entropy(small, y_mix, ignore_index=self.ignore, pixel_weight=w_mix)
+        with torch.no_grad():
+            small_label = small.detach().argmax(1)
+            class_w = inconsistency_class_weights(small_label, y_mix, num_classes=self.num_classes,
+                                                  ignore_index=self.ignore)
+            valid = y_mix != self.ignore
+            pixel_cw = class_w[torch.where(valid, y_mix, 0)] * w_mix
+            agreement = ((small_label == y_mix) & valid).sum() / valid.sum().clamp_min(1)
+        loss_inc = seg_cross_entropy(small, y_mix, ignore_index=self.ignore, pixel_weight=pixel_cw)
+        loss_kd = kd_loss(small, t_mix, temperature=cfg.temperature)
+        kd_w = self.kd_weight(step)
+        loss = cfg.large_weight * loss_large + loss_ce + cfg.inconsistency_weight * loss_inc + kd_w * loss_kd
+        logs = {"loss_large": loss_large.detach(), "loss_small_ce": loss_ce.detach(),
+                "loss_inconsistency": loss_inc.detach(), "loss_kd": loss_kd.detach(), "kd_weight": kd_w,
+                "small_agreement": agreement.float()}
+        return StepOutput(loss, {**logs, **{f"pl/{k}": v for k, v in stats.items()}})
+
+    @property
+    def exported(self) -> str:
+        """Which model :meth:`export_model` returns (``"small"`` or ``"large_teacher"``), for checkpoint metadata."""
+        return self.cfg.deliver
+
+    def export_model(self) -> nn.Module:
+        return self.teacher.module if self.cfg.deliver == "large_teacher" else self.small
+
+
+def build(ctx: AdaptContext, cfg: DUDAConfig) -> DUDA:
+    return DUDA(ctx, cfg)
