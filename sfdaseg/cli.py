@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from sfdaseg.config import (AdaptConfig, BenchConfig, ConfigError, DemoConfig, EvaluateConfig, ExportConfig,
                             PredictConfig, TrainSourceConfig, load_config, parse_override)
+from sfdaseg.config import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ def _run_train_source(cfg):
 
 
 def _run_adapt(cfg):
+    if cfg.stages:  # a multi-stage UniSFDA run: stage folders under train.out, the final model's path returned
+        from sfdaseg.runs.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
     from sfdaseg.runs.adapt import run_adapt
 
     return run_adapt(cfg)
@@ -66,6 +71,12 @@ def _run_bench(cfg):
     from sfdaseg.runs.bench import run_bench
 
     run_bench(cfg, command="sfdaseg " + " ".join(_ARGV))
+
+
+def _run_distill(cfg):
+    from sfdaseg.runs.distill import run_distill
+
+    return run_distill(cfg)  # the student checkpoint, last line of stdout
 
 
 def _run_evaluate(cfg):
@@ -134,7 +145,7 @@ COMMANDS: dict[str, Command] = {
                 data.target=cityscapes:/data/cs:train data.val=cityscapes:/data/cs:val
             sfdaseg adapt --recipe selftrain --checkpoint src.ckpt --target folder:/data/new_city \\
                 method.policy=class_balanced method.percentile=20 export=student""",
-            flags=(Flag(("--recipe",), "recipe", "recipe name: selftrain | stvm | diga_sf", metavar="NAME"),
+            flags=(Flag(("--recipe",), "recipe", "recipe name: selftrain | stvm | diga_sf | sfda_liu | duda | unisfda", metavar="NAME"),
                    Flag(("--checkpoint",), "checkpoint", "source model checkpoint", metavar="CKPT"),
                    Flag(("--target",), "data.target", "unlabelled target images KIND:ROOT[:SPLIT]", metavar="DS"),
                    Flag(("--val",), "data.val", "labelled validation split (evaluation at the end only)",
@@ -150,13 +161,26 @@ COMMANDS: dict[str, Command] = {
             "distill", "distil one or several adapted teachers into an efficient student",
             """\
             sfdaseg distill --teachers runs/a/model.ckpt,runs/b/model.ckpt --model lraspp_mobilenet_v3_large \\
-                --target synthetic:target:train --iters 2000 --out runs/distill""",
-            flags=(Flag(("--teachers",), "teachers", "comma-separated teacher checkpoints", metavar="CKPT[,CKPT]"),
-                   Flag(("--model",), "model", "student model name", metavar="NAME"),
-                   Flag(("--target",), "target", "unlabelled target images", metavar="DS"),
-                   Flag(("--iters",), "iters", "optimizer steps", metavar="N"),
-                   Flag(("--out",), "out", "run folder", metavar="DIR")),
-            pending_issue=5,
+                --target synthetic:target:train --iters 2000 --out runs/distill
+            sfdaseg distill --teachers runs/duda/model.ckpt --student-checkpoint runs/src_small/model.ckpt \\
+                --target cityscapes:/data/cs:train --val cityscapes:/data/cs:val data.crop=[512,512] \\
+                temperature=2.0 ce_weight=1.0 --iters 20000 --out runs/distill_cs
+            sfdaseg distill --teachers a.ckpt,b.ckpt --model tiny 'model_options={width: 8}' --iters 400 \\
+                --val synthetic:target:val --out runs/distill_tiny""",
+            flags=(Flag(("--teachers",), "teachers", "comma-separated adapted teacher checkpoints (frozen, "
+                        "softmax averaged)", comma_list=True, metavar="CKPT[,CKPT]"),
+                   Flag(("--model",), "model", "student architecture (a registered model name)", metavar="NAME"),
+                   Flag(("--student-checkpoint",), "student_checkpoint",
+                        "initial student weights, e.g. a small source model (its architecture by default)",
+                        metavar="CKPT"),
+                   Flag(("--target",), "data.target", "unlabelled target images KIND:ROOT[:SPLIT]", metavar="DS"),
+                   Flag(("--val",), "data.val", "labelled validation split (evaluation at the end only)",
+                        metavar="DS"),
+                   Flag(("--iters",), "train.iters", "optimizer steps", metavar="N"),
+                   Flag(("--out",), "train.out", "run folder", metavar="DIR"),
+                   Flag(("--device",), "train.device", "auto | cpu | cuda | cuda:N"),
+                   Flag(("--resume",), "train.resume", "continue the run in --out", switch=True)),
+            config_cls=DistillConfig, run=_run_distill,
         ),
         Command(
             "evaluate", "mIoU (19/16/13-class protocols), per-class IoU and pixel accuracy of a checkpoint",

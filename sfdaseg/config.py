@@ -732,7 +732,8 @@ class PipelineEnsembleConfig:
     """Cross-model transfer (``stages.ensemble``): the adapted auxiliary models label the target images together."""
 
     mc_passes: int = 8  # MC-dropout passes of each model's classifier (0: one deterministic pass, softmax entropy)
-    measure: str = choices("entropy", "variance", default="entropy", help="MC-dropout statistic behind a model's certainty")
+    measure: str = choices("entropy", "variance", default="entropy",
+                           help="the MC-dropout statistic behind a model's certainty")
     weighting: str = choices("certainty", "uniform", default="certainty",
                              help="per-pixel model weights: normalised certainties, or a plain average")
     batch_size: int | None = None  # images per labelling batch; None: data.val_batch_size

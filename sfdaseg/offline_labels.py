@@ -6,6 +6,11 @@ Layout of a cache rooted at ``root`` for a model with fingerprint ``F`` (:func:`
     root/<F[:16]>/<name>.label.png               # uint8 class ids, 255 = ignore (names with '/' make subfolders)
     root/<F[:16]>/<name>.conf.png                # uint8 round(confidence * 255)
 
+The confidence channel holds the fused maximum probability by default; a labeller may store a *certainty*
+there instead (``uncertainty="mc_dropout"``: ``1 -`` the normalised MC-dropout entropy, or variance, of the
+prediction; ``"entropy"``: ``1 - H(p) / log C`` of the plain prediction), which the caller then keys into the
+fingerprint (``extra``) so that caches of different settings never mix.
+
 Each PNG also carries the full fingerprint in a text chunk, so an entry is self-describing: an entry written
 by another model (or a half-written, truncated or unreadable file) is never served as valid. Files are written
 to a temporary name in the same folder and renamed, so an interrupted build leaves complete entries or
@@ -23,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -37,12 +43,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sfdaseg.data.transforms import collate, to_model_input
 from sfdaseg.models.base import unwrap_model
+from sfdaseg.uncertainty import McDropoutResult, mc_dropout
 
 __all__ = [
     "CacheEntryError",
     "OfflineLabelCache",
     "WithOfflineLabels",
     "build_offline_labels",
+    "entropy_certainty",
+    "mc_certainty",
     "model_fingerprint",
 ]
 
@@ -53,6 +62,10 @@ _FORMAT = "sfdaseg-offline-labels"
 _VERSION = 1
 _TEXT_KEY = "sfdaseg-fingerprint"
 _AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
+UNCERTAINTIES = ("entropy", "mc_dropout")  # what the confidence channel may hold instead of the max probability
+MEASURES = ("entropy", "variance")  # MC-dropout: which statistic the certainty comes from
 
 
 class CacheEntryError(ValueError):
@@ -158,6 +171,26 @@ class OfflineLabelCache:
 
     # -- manifest -------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "OfflineLabelCache":
+        """The finished cache in ``folder`` (``root / fingerprint[:16]``), its fingerprint read from the manifest.
+
+        For labels that some other step wrote (e.g. an ensemble of models): they are used as they are.
+
+        Raises:
+            CacheEntryError: no readable manifest, or the folder is not named after its fingerprint.
+        """
+        folder = Path(folder).expanduser()
+        path = folder / MANIFEST
+        try:
+            fingerprint = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CacheEntryError(f"offline pseudo-label cache {folder}: no readable {MANIFEST} ({e}); build the "
+                                  "cache first") from None
+        if not isinstance(fingerprint, str) or fingerprint[:16] != folder.name:
+            raise CacheEntryError(f"{path}: fingerprint {fingerprint!r} does not match the folder name {folder.name!r}")
+        return cls(folder.parent, fingerprint=fingerprint)
+
     def read_manifest(self) -> dict[str, tuple[int, int]] | None:
         """``{name: (H, W)}`` from a manifest of *this* fingerprint; None when absent, unreadable or stale."""
         path = self.manifest_path
@@ -172,9 +205,11 @@ class OfflineLabelCache:
             logger.warning("%s: manifest of another model (stale fingerprint); its entries are not used", path)
             return None
         entries = data.get("entries")
-        if not isinstance(entries, dict):
+        try:
+            return {str(k): (int(v[0]), int(v[1])) for k, v in entries.items()}
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+            logger.warning("%s: malformed manifest entries; the cache will be checked entry by entry", path)
             return None
-        return {str(k): (int(v[0]), int(v[1])) for k, v in entries.items()}
 
     def write_manifest(self, entries: dict[str, tuple[int, int]], *, extra: dict | None = None) -> None:
         """Write the manifest (atomically, fsync'ed) listing ``entries`` ``{name: (H, W)}``."""
@@ -206,7 +241,12 @@ class OfflineLabelCache:
         if not path.is_file():
             raise CacheEntryError(f"offline pseudo-label cache: missing file {path} (run the offline labelling first)")
         try:
-            with Image.open(path) as img:
+            data = path.read_bytes()
+            # A cut-off file lacks the closing IEND chunk: checked here because Pillow decodes a truncated PNG
+            # (missing rows as zeros) when some library has set ImageFile.LOAD_TRUNCATED_IMAGES.
+            if not data.startswith(_PNG_SIGNATURE) or not data.endswith(_PNG_END):
+                raise CacheEntryError(f"{path}: truncated or not a PNG file (no PNG signature or IEND chunk)")
+            with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 text = dict(getattr(img, "text", {}) or {})
                 if img.mode != "L":
@@ -295,25 +335,68 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def entropy_certainty(probs: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` probabilities -> ``(B, H, W)`` float32 certainty ``1 - H(p) / log C`` in ``[0, 1]``.
+
+    ``p`` is renormalised first (a max-fused multi-scale map does not sum to 1); ``C == 1`` gives 1.
+    """
+    c = probs.shape[1]
+    if c < 2:
+        return torch.ones_like(probs[:, 0], dtype=torch.float32)
+    p = probs.float()
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
+    return (1.0 + torch.special.xlogy(p, p).sum(1) / math.log(c)).clamp_(0.0, 1.0)
+
+
+def mc_certainty(result: McDropoutResult, *, measure: str = "entropy") -> torch.Tensor:
+    """``(B, H, W)`` float32 certainty in ``[0, 1]`` from MC-dropout statistics.
+
+    ``"entropy"``: ``1 - H(mean_prob) / log C``; ``"variance"``: ``1 - 2 std``, the standard deviation across
+    passes of the predicted class's probability (at most 1/2; the standard deviation rather than the variance,
+    whose values crowd near 0 and would lose their order in a uint8 channel).
+    """
+    if measure == "entropy":
+        return entropy_certainty(result.mean_prob)
+    if measure == "variance":
+        return (1.0 - 2.0 * result.label_variance.float().sqrt()).clamp_(0.0, 1.0)
+    raise ValueError(f"mc_certainty: measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+
+
 def _label_image(model: nn.Module, images: torch.Tensor, *, scales: Sequence[float], resize: tuple[int, int] | None,
-                 amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(B, 3, H, W)`` on the device -> label uint8 ``(B, H, W)`` and conf uint8 ``(B, H, W)``."""
+                 amp_dtype: torch.dtype | None, uncertainty: str | None = None, mc_passes: int = 8,
+                 measure: str = "entropy", generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(B, 3, H, W)`` on the device -> label uint8 ``(B, H, W)`` and conf uint8 ``(B, H, W)``.
+
+    ``conf`` is the max of the fused probabilities, or with ``uncertainty`` the certainty averaged over scales.
+    """
     x = to_model_input(images)
     h, w = x.shape[-2:]
     base = (h, w) if resize is None else tuple(resize)
     fused: torch.Tensor | None = None
+    certainty: torch.Tensor | None = None
     for s in scales:
         size = (max(1, round(base[0] * s)), max(1, round(base[1] * s)))
         xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         amp_ctx = (torch.autocast(device_type=x.device.type, dtype=amp_dtype) if amp_dtype is not None
                    else contextlib.nullcontext())
-        with amp_ctx:
-            logits = model(xs)
-        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        probs = torch.softmax(logits, dim=1)
+        if uncertainty == "mc_dropout":  # T passes of the classifier on features computed once, at (H, W)
+            with amp_ctx:
+                result = mc_dropout(model, xs, passes=mc_passes, generator=generator, out_size=(h, w))
+            probs, cert = result.mean_prob, mc_certainty(result, measure=measure)
+        else:
+            with amp_ctx:
+                logits = model(xs)
+            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            probs = torch.softmax(logits, dim=1)
+            cert = entropy_certainty(probs) if uncertainty == "entropy" else None
         fused = probs if fused is None else torch.maximum(fused, probs)
+        if cert is not None:
+            certainty = cert if certainty is None else certainty + cert
     assert fused is not None
     conf, label = fused.max(dim=1)
+    if certainty is not None:
+        conf = certainty / len(scales)
     return label.to(torch.uint8), torch.round(conf * 255.0).clamp_(0, 255).to(torch.uint8)
 
 
@@ -330,6 +413,9 @@ def build_offline_labels(
     num_workers: int = 0,
     progress: bool = False,
     resize: tuple[int, int] | None = None,
+    uncertainty: str | None = None,
+    mc_passes: int = 8,
+    measure: str = "entropy",
 ) -> None:
     """Label every image of ``dataset`` with ``model`` and store the labels in ``cache``.
 
@@ -352,7 +438,19 @@ def build_offline_labels(
         amp: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast for the forward pass; softmax in float32).
         progress: show a progress bar.
         resize: optional ``(H', W')`` the model sees at scale 1 (labels are still stored at ``(H, W)``).
+        uncertainty: None (``conf`` = max fused probability), ``"entropy"`` (``conf`` = ``1 - H(p) / log C`` of
+            each scale's prediction, averaged over the scales) or ``"mc_dropout"`` (each scale's probabilities are
+            the mean of ``mc_passes`` MC-dropout passes of the classifier, :func:`sfdaseg.uncertainty.mc_dropout`,
+            and ``conf`` is :func:`mc_certainty` by ``measure``, averaged over the scales). The dropout masks are
+            drawn from a generator seeded with 0 for every batch, so a rebuild gives the same labels.
     """
+    if uncertainty is not None and uncertainty not in UNCERTAINTIES:
+        raise ValueError(f"build_offline_labels: uncertainty must be None or one of {', '.join(UNCERTAINTIES)}, "
+                         f"got {uncertainty!r}")
+    if uncertainty == "mc_dropout" and (isinstance(mc_passes, bool) or not isinstance(mc_passes, int)
+                                        or mc_passes < 1 or measure not in MEASURES):
+        raise ValueError(f"build_offline_labels: mc_passes must be a positive integer and measure one of "
+                         f"{', '.join(MEASURES)}, got {mc_passes!r} and {measure!r}")
     if amp not in _AMP:
         raise ValueError(f"build_offline_labels: amp must be one of {', '.join(_AMP)}, got {amp!r}")
     scales = tuple(float(s) for s in scales)
@@ -408,8 +506,12 @@ def build_offline_labels(
                     if not keep:
                         continue
                     group, group_names = group[keep], [group_names[j] for j in keep]
+                generator = None
+                if uncertainty == "mc_dropout":
+                    generator = torch.Generator(device=device).manual_seed(0)
                 label, conf = _label_image(model, group.to(device, non_blocking=True), scales=scales,
-                                           resize=resize, amp_dtype=amp_dtype)
+                                           resize=resize, amp_dtype=amp_dtype, uncertainty=uncertainty,
+                                           mc_passes=mc_passes, measure=measure, generator=generator)
                 label, conf = label.cpu(), conf.cpu()  # I/O: the labels go to disk
                 for j, name in enumerate(group_names):
                     cache.put(name, label[j], conf[j])
@@ -420,7 +522,11 @@ def build_offline_labels(
         model.train(was_training)
         if move:
             model.to(old_device)
-    cache.write_manifest(entries, extra={"scales": list(scales), "resize": list(resize) if resize else None})
+    info: dict[str, Any] = {"scales": list(scales), "resize": list(resize) if resize else None}
+    if uncertainty is not None:
+        info["conf"] = {"uncertainty": uncertainty, **({"mc_passes": mc_passes, "measure": measure}
+                                                       if uncertainty == "mc_dropout" else {})}
+    cache.write_manifest(entries, extra=info)
 
 
 class _NoBar:

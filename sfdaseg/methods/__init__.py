@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from sfdaseg.methods import diga_sf, selftrain, sfda_liu, stvm
+from sfdaseg.methods import duda
+from sfdaseg.methods import unisfda
 
 
 @dataclass(frozen=True)
@@ -31,4 +33,10 @@ RECIPES: dict[str, Recipe] = {
     "sfda_liu": Recipe("sfda_liu", "SFDA (Liu et al. 2021): generator inverting BN statistics + adversarial "
                        "distillation + MaxSquare + patch-level self-supervision (IPSM)",
                        sfda_liu.SFDALiuConfig, sfda_liu.build),
+    "duda": Recipe("duda", "DUDA, source-free: large EMA teacher + large auxiliary student + small deployed student; "
+                   "gradual large-to-small KL, inconsistency-weighted CE, multiple teachers",
+                   duda.DUDAConfig, duda.build),
+    "unisfda": Recipe("unisfda", "UniSFDA: MC-dropout-aware fusion of offline (source) and online (EMA) "
+                      "pseudo-labels + intra-domain style augmentation; multi-stage with a `stages:` section",
+                      unisfda.UniSFDAConfig, unisfda.build),
 }

@@ -18,7 +18,7 @@ from sfdaseg.config import AdaptConfig, ConfigError, to_dict
 from sfdaseg.data.transforms import build_eval_transform, build_train_transform, collate
 from sfdaseg.engine.checkpoint import load_model, save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
-from sfdaseg.engine.rundir import prepare_run_dir
+from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
 from sfdaseg.engine.trainer import Trainer, log
 from sfdaseg.methods import RECIPES
 from sfdaseg.methods.common import AdaptContext
@@ -34,10 +34,16 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     method_cfg = cfg.method_config()
     cfg = replace(cfg, method=to_dict(method_cfg))  # the resolved config records every recipe default
     dist_info, device = init_distributed(cfg.train.device)
-    if dist_info.is_main:
-        prepare_run_dir(cfg.train.out, cfg=cfg, resume=cfg.train.resume, command="adapt")
-    barrier()
     run_dir = Path(cfg.train.out)
+    if dist_info.is_main:
+        check_run_dir(run_dir, resume=cfg.train.resume)  # an existing run is refused before any work
+
+    def prepare() -> None:
+        # The folder is created once the checkpoint and the target data are known to be good, so a typo does not
+        # leave a half-made run behind that blocks the corrected command.
+        if dist_info.is_main:
+            prepare_run_dir(run_dir, cfg=cfg, resume=cfg.train.resume, command="adapt")
+        barrier()
 
     model, info = load_model(cfg.checkpoint, map_location="cpu")
     classes = info.classes
@@ -55,6 +61,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
         # with what the random crop/flip/scale of every step cuts out.
         base = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
                                  on_error=d.on_error, synthetic=d.synthetic)
+        prepare()
         # A recipe may store an uncertainty in the confidence channel (its settings key the cache), or bring a
         # finished cache that other models wrote (e.g. an ensemble): that one is read as it is.
         options = method_cfg.offline_label_options() if hasattr(method_cfg, "offline_label_options") else {}
@@ -79,6 +86,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
         train_ds = dataset_from_spec(d.target, with_labels=False, transform=train_tf, on_error=d.on_error,
                                      synthetic=d.synthetic)
         target_ctx = dataset_from_spec(d.target, with_labels=False, on_error=d.on_error, synthetic=d.synthetic)
+        prepare()
     log(f"adapt {cfg.recipe} ({recipe.summary}): {model.name} from {cfg.checkpoint}; target {d.target}: "
         f"{len(train_ds)} images (labels not read); device {device}", dist_info=dist_info)
 
