@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from sfdaseg.augment import classmix, classmix_masks, photometric_augment
+from sfdaseg.config import choices
 from sfdaseg.data.transforms import collate, to_model_input
 from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy, soft_cross_entropy
 from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
+from sfdaseg.style import StyleConfig, build_style_augment
 from sfdaseg.pseudo_labels import PrototypeMemory, bilateral_consensus, pseudo_label_stats
 
 
@@ -49,6 +51,9 @@ class DiGAConfig:
     temperature: float = 1.0
     classmix: bool = True
     photometric: bool = True
+    jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
+    hue: float = 0.0  # hue rotation of the strong view, in turns
+    style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
 
     def validate(self) -> None:
         if not self.offline_scales or min(self.offline_scales) <= 0:
@@ -62,6 +67,7 @@ class DiGASourceFree(TeacherStudentTask):
         model = ctx.model
         super().__init__(model, EMATeacher(model, momentum=cfg.ema_momentum), export=ctx.export)
         self.cfg = cfg
+        self.style = build_style_augment(StyleConfig(kind=cfg.style)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
         self.protos = PrototypeMemory(self.num_classes, model.feature_dim, momentum=cfg.proto_momentum).to(ctx.device)
@@ -119,7 +125,9 @@ class DiGASourceFree(TeacherStudentTask):
             conf = batch["pl_conf"].float() / 255.0
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
             t_probs = torch.softmax(resize_logits(t_logits, size).float() / cfg.temperature, dim=1)
-            xs = photometric_augment(x) if cfg.photometric else x
+            xs = self.style(x) if self.style is not None else x
+            xs = photometric_augment(xs, brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter,
+                                     hue=cfg.hue) if cfg.photometric else xs
             x_mix, y_mix, t_mix = xs, label, t_probs
             if cfg.classmix:
                 mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)

@@ -28,6 +28,7 @@ from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy
 from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
+from sfdaseg.style import StyleConfig, build_style_augment
 from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels, softmax_confidence
 
 
@@ -39,12 +40,16 @@ class SelfTrainConfig:
     percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
     classmix: bool = True
     photometric: bool = True
+    jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
+    hue: float = 0.0  # hue rotation of the strong view, in turns
+    style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
 
 
 class SelfTraining(TeacherStudentTask):
     def __init__(self, ctx: AdaptContext, cfg: SelfTrainConfig) -> None:
         super().__init__(ctx.model, EMATeacher(ctx.model, momentum=cfg.ema_momentum), export=ctx.export)
         self.cfg = cfg
+        self.style = build_style_augment(StyleConfig(kind=cfg.style)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
 
@@ -57,7 +62,9 @@ class SelfTraining(TeacherStudentTask):
             label, weight = select_pseudo_labels(cfg.policy, conf, label, num_classes=self.num_classes,
                                                  tau=cfg.tau, percentile=cfg.percentile, ignore_index=self.ignore)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
-            xs = photometric_augment(x) if cfg.photometric else x
+            xs = self.style(x) if self.style is not None else x
+            xs = photometric_augment(xs, brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter,
+                                     hue=cfg.hue) if cfg.photometric else xs
             if cfg.classmix:
                 mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)
                 xs, label, weight = classmix(mask, xs, label, weight)
