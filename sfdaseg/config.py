@@ -650,7 +650,7 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False  # a much shorter run, for a smoke test
     model: str = "tiny"
-    recipe: str = "diga_sf"  # the adaptation recipe the demo runs
+    recipe: str = "selftrain"  # the adaptation recipe the demo runs (its settings: sfdaseg.runs.demo.DEMO_RECIPES)
     iters: int = 1000  # source and oracle training
     adapt_iters: int = 400
     batch_size: int = 8

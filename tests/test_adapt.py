@@ -118,3 +118,12 @@ def test_offline_labels_are_cached_and_reused(tmp_path, source_ckpt):
     stamps = {f: f.stat().st_mtime_ns for f in files}
     run_adapt(adapt_cfg(tmp_path, source_ckpt, "diga_sf", "b", "train.iters=1"))
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # reused, not recomputed
+
+
+@pytest.mark.parametrize("recipe", ["selftrain", "stvm", "diga_sf"])
+def test_strong_view_knobs_style_and_jitter(tmp_path, source_ckpt, recipe):
+    path = run_adapt(adapt_cfg(tmp_path, source_ckpt, recipe, "run", "train.iters=2", "method.style=fourier",
+                               "method.jitter=0.4", "method.hue=0.05", "monitor.every=-1", "report=false"))
+    assert load_model(path)[0].name == "tiny"
+    with pytest.raises(Exception, match="method.style"):
+        adapt_cfg(tmp_path, source_ckpt, recipe, "bad", "method.style=fourrier")

@@ -35,8 +35,8 @@ from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy, soft_cross_entropy
 from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
-from sfdaseg.style import StyleConfig, build_style_augment
 from sfdaseg.pseudo_labels import PrototypeMemory, bilateral_consensus, pseudo_label_stats
+from sfdaseg.style import StyleConfig, build_style_augment
 
 
 @dataclass
@@ -54,6 +54,8 @@ class DiGAConfig:
     jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
     hue: float = 0.0  # hue rotation of the strong view, in turns
     style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
+    style_p: float = 0.5  # probability that an image is re-styled (sfdaseg.style.StyleConfig.p)
+    style_beta: float = 0.01  # fourier: half-size of the swapped low-frequency band, fraction of the short side
 
     def validate(self) -> None:
         if not self.offline_scales or min(self.offline_scales) <= 0:
@@ -67,7 +69,7 @@ class DiGASourceFree(TeacherStudentTask):
         model = ctx.model
         super().__init__(model, EMATeacher(model, momentum=cfg.ema_momentum), export=ctx.export)
         self.cfg = cfg
-        self.style = build_style_augment(StyleConfig(kind=cfg.style)) if cfg.style != "none" else None
+        self.style = build_style_augment(StyleConfig(kind=cfg.style, p=cfg.style_p, beta=cfg.style_beta)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
         self.protos = PrototypeMemory(self.num_classes, model.feature_dim, momentum=cfg.proto_momentum).to(ctx.device)

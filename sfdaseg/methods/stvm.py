@@ -35,6 +35,7 @@ from sfdaseg.losses import resize_logits, seg_cross_entropy
 from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import pseudo_label_stats, softmax_confidence
+from sfdaseg.style import StyleConfig, build_style_augment
 
 
 @dataclass
@@ -51,6 +52,11 @@ class STvMConfig:
     mocm: bool = True  # False: uniform ClassMix (ablation)
     classmix: bool = True
     photometric: bool = True
+    jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
+    hue: float = 0.0  # hue rotation of the strong view, in turns
+    style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
+    style_p: float = 0.5  # probability that an image is re-styled (sfdaseg.style.StyleConfig.p)
+    style_beta: float = 0.01  # fourier: half-size of the swapped low-frequency band, fraction of the short side
 
 
 class MetricNet(nn.Module):
@@ -108,6 +114,7 @@ class STvM(TeacherStudentTask):
         super().__init__(model, EMATeacher(model, momentum=cfg.ema_momentum), export=ctx.export,
                          extra_trainable={"metric": self.metric})
         self.cfg = cfg
+        self.style = build_style_augment(StyleConfig(kind=cfg.style, p=cfg.style_p, beta=cfg.style_beta)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
 
@@ -137,7 +144,9 @@ class STvM(TeacherStudentTask):
             else:
                 rel = torch.ones_like(conf)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
-            xs = photometric_augment(x) if cfg.photometric else x
+            xs = self.style(x) if self.style is not None else x
+            xs = photometric_augment(xs, brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter,
+                                     hue=cfg.hue) if cfg.photometric else xs
             if cfg.classmix:
                 scores = None
                 if cfg.mocm:

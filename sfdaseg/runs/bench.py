@@ -38,8 +38,8 @@ from sfdaseg.selection import SIGNAL_SIGN, SIGNALS, spearman
 # recipe -> one row per removed or changed part: (label, overrides). Used with ``ablations=true``.
 ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
     "selftrain": [
-        ("fixed threshold 0.968", ["method.policy=threshold"]),
-        ("class-balanced 50%", ["method.policy=class_balanced"]),
+        ("confidence-ratio weight (recipe default)", ["method.policy=ratio"]),
+        ("no style augmentation", ["method.style=none"]),
         ("no ClassMix", ["method.classmix=false"]),
     ],
     "stvm": [
@@ -49,6 +49,7 @@ ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
     "diga_sf": [
         ("no consensus (raw offline labels)", ["method.consensus=false"]),
         ("no distillation", ["method.distill_weight=0.0"]),
+        ("no style augmentation", ["method.style=none"]),
     ],
 }
 
