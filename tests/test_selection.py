@@ -82,15 +82,18 @@ def source_ckpt(tmp_path_factory):
     return path
 
 
+def selftrain_cfg(source_ckpt, run, length, *extra):
+    """A few ``selftrain`` steps of the tiny model on ``length`` 32x64 synthetic target images, on the CPU."""
+    return load_config(AdaptConfig, overrides=[
+        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
+        f"data.synthetic={{size: [32, 64], length: {length}}}", "data.crop=[32,64]", "data.batch_size=2",
+        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false", *extra])
+
+
 def test_adapt_logs_signals_and_keeps_snapshots(tmp_path, source_ckpt):
     run = tmp_path / "run"
-    cfg = load_config(AdaptConfig, overrides=[
-        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
-        "data.synthetic={size: [32, 64], length: 8}", "data.crop=[32,64]", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-        "train.iters=4", "monitor.every=2", "monitor.images=4", "monitor.snd_pixels=64",
-        "monitor.keep_checkpoints=true"])
-    run_adapt(cfg)
+    run_adapt(selftrain_cfg(source_ckpt, run, 8, "train.iters=4", "monitor.every=2", "monitor.images=4",
+                            "monitor.snd_pixels=64", "monitor.keep_checkpoints=true"))
     records = [json.loads(x) for x in (run / "selection.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4]
     assert records[0]["hist_drift"] == 0.0 and "checkpoint" not in records[0]
@@ -103,24 +106,15 @@ def test_adapt_logs_signals_and_keeps_snapshots(tmp_path, source_ckpt):
 
 def test_monitor_can_be_switched_off(tmp_path, source_ckpt):
     run = tmp_path / "run"
-    cfg = load_config(AdaptConfig, overrides=[
-        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
-        "data.synthetic={size: [32, 64], length: 4}", "data.crop=[32,64]", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-        "train.iters=1", "monitor.every=-1"])
-    run_adapt(cfg)
+    run_adapt(selftrain_cfg(source_ckpt, run, 4, "train.iters=1", "monitor.every=-1"))
     assert not (run / "selection.jsonl").exists()
 
 
 def test_adapt_writes_a_report_with_curves_signals_and_before_after(tmp_path, source_ckpt):
     run = tmp_path / "run"
-    cfg = load_config(AdaptConfig, overrides=[
-        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
-        "data.synthetic={size: [32, 64], length: 8}", "data.crop=[32,64]", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-        "train.iters=4", "train.log_every=1", "train.eval_every=2", "monitor.every=2", "monitor.images=4",
-        "data.val=synthetic:target:val", "data.val_extra=[synthetic:shift:val]"])
-    run_adapt(cfg)
+    run_adapt(selftrain_cfg(source_ckpt, run, 8, "train.iters=4", "train.log_every=1", "train.eval_every=2",
+                            "monitor.every=2", "monitor.images=4", "data.val=synthetic:target:val",
+                            "data.val_extra=[synthetic:shift:val]"))
     report = (run / "report.md").read_text()
     for section in ("## Training curves", "## Label-free signals", "## Validation mIoU over time",
                     "## Per-class IoU before / after", "## Held-out domains", "## Example predictions",
@@ -135,11 +129,6 @@ def test_adapt_writes_a_report_with_curves_signals_and_before_after(tmp_path, so
 
 def test_report_without_labels_shows_target_predictions_only(tmp_path, source_ckpt):
     run = tmp_path / "run"
-    cfg = load_config(AdaptConfig, overrides=[
-        "recipe=selftrain", f"checkpoint={source_ckpt}", f"train.out={run}",
-        "data.synthetic={size: [32, 64], length: 4}", "data.crop=[32,64]", "data.batch_size=2",
-        "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-        "train.iters=1"])
-    run_adapt(cfg)
+    run_adapt(selftrain_cfg(source_ckpt, run, 4, "train.iters=1"))
     report = (run / "report.md").read_text()
     assert "## Example predictions" in report and "## Per-class IoU" not in report

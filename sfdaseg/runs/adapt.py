@@ -10,11 +10,10 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from sfdaseg.config import AdaptConfig, ConfigError, to_dict
+from sfdaseg.config import AdaptConfig, to_dict
 from sfdaseg.data.transforms import build_eval_transform, build_train_transform, collate
 from sfdaseg.engine.checkpoint import load_model, save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
@@ -22,7 +21,7 @@ from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
 from sfdaseg.engine.trainer import Trainer, log
 from sfdaseg.methods import RECIPES
 from sfdaseg.methods.common import AdaptContext
-from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
+from sfdaseg.runs.common import dataset_from_spec, evaluate_extra, evaluate_model, val_loaders
 
 
 def default_cache_dir() -> Path:
@@ -95,14 +94,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                        run_dir=run_dir)
     task = recipe.build(ctx, method_cfg)
 
-    loaders = {}
-    for name, spec in ([("val", d.val)] if d.val else []) + [(s, s) for s in d.val_extra]:
-        loader = eval_loader(spec, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
-                             on_error=d.on_error, synthetic=d.synthetic, pin_memory=device.type == "cuda")
-        if loader.dataset.classes.num_classes != classes.num_classes:
-            raise ConfigError(f"{spec}: {loader.dataset.classes.num_classes} classes, the model has "
-                              f"{classes.num_classes}")
-        loaders[name] = loader
+    loaders = val_loaders(d, num_classes=classes.num_classes, device=device, owner="the model has")
 
     evaluate = None
     if "val" in loaders:
@@ -121,16 +113,8 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                       save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
     path = trainer.train(resume=cfg.train.resume)
 
-    extra = {name: l for name, l in loaders.items() if name != "val"}
-    results: dict[str, Any] = {}
-    if extra:
-        adapted = task.export_model()
-        results = {name: evaluate_model(adapted, l, device=device, eval_cfg=cfg.eval).to_dict()
-                   for name, l in extra.items()}
-        if dist_info.is_main:
-            (run_dir / "eval_extra.json").write_text(json.dumps(results, indent=2))
-            for name, r in results.items():
-                log(f"{name}: mIoU {r['miou']:.2f}")
+    results = evaluate_extra(task.export_model(), loaders, device=device, eval_cfg=cfg.eval, run_dir=run_dir,
+                             is_main=dist_info.is_main)
     if cfg.report and dist_info.is_main:
         report = _write_report(cfg, task.export_model(), classes, device, run_dir, loaders, results)
         log(f"report: {report}")

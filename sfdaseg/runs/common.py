@@ -34,7 +34,7 @@ def eval_loader(spec: str, *, resize: tuple[int, int] | None, batch_size: int, n
 
 def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, device: torch.device, eval_cfg,
                    progress: bool = False) -> dict[str, Any]:
-    """Metrics of ``model`` on ``loader`` as a JSON-ready dict (``miou``, ``per_class_iou``, ...)."""
+    """Metrics of ``model`` on ``loader`` (``.to_dict()`` gives ``miou``, ``per_class_iou``, ...)."""
     from sfdaseg.evaluation import evaluate
 
     classes = loader.dataset.classes
@@ -45,3 +45,40 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, device: torch.
         progress=progress,
     )
     return metrics
+
+
+def val_loaders(d, *, num_classes: int, device: torch.device,
+                owner: str = "the model has") -> dict[str, DataLoader]:
+    """Loaders of ``d.val`` (key ``"val"``, when given) and of every ``d.val_extra`` split (keyed by its spec).
+
+    ``d`` is a data config with ``val``, ``val_extra``, ``val_resize``, ``val_batch_size``, ``num_workers``,
+    ``on_error`` and ``synthetic``. A split with another number of classes is a ``ConfigError`` ("..., {owner} N").
+    """
+    from sfdaseg.config import ConfigError
+
+    loaders = {}
+    for name, spec in ([("val", d.val)] if d.val else []) + [(s, s) for s in d.val_extra]:
+        loader = eval_loader(spec, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
+                             on_error=d.on_error, synthetic=d.synthetic, pin_memory=device.type == "cuda")
+        if loader.dataset.classes.num_classes != num_classes:
+            raise ConfigError(f"{spec}: {loader.dataset.classes.num_classes} classes, {owner} {num_classes}")
+        loaders[name] = loader
+    return loaders
+
+
+def evaluate_extra(model: torch.nn.Module, loaders: dict[str, DataLoader], *, device: torch.device, eval_cfg,
+                   run_dir, is_main: bool) -> dict[str, Any]:
+    """Metrics of ``model`` on every loader but ``"val"`` (held-out domains); rank 0 writes ``eval_extra.json``."""
+    import json
+    from pathlib import Path
+
+    from sfdaseg.engine.trainer import log
+
+    extra = {name: l for name, l in loaders.items() if name != "val"}
+    results = {name: evaluate_model(model, loader, device=device, eval_cfg=eval_cfg).to_dict()
+               for name, loader in extra.items()}
+    if results and is_main:
+        (Path(run_dir) / "eval_extra.json").write_text(json.dumps(results, indent=2))
+        for name, r in results.items():
+            log(f"{name}: mIoU {r['miou']:.2f}")
+    return results

@@ -9,20 +9,18 @@ when given.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from sfdaseg.config import ConfigError, DistillConfig, to_dict
+from sfdaseg.config import DistillConfig, to_dict
 from sfdaseg.data.transforms import build_train_transform, collate
 from sfdaseg.distill import DistillationTask, build_student, load_teachers
 from sfdaseg.engine.checkpoint import save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
 from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
 from sfdaseg.engine.trainer import Trainer, log
-from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
+from sfdaseg.runs.common import dataset_from_spec, evaluate_extra, evaluate_model, val_loaders
 
 
 def run_distill(cfg: DistillConfig) -> Path:
@@ -50,14 +48,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         f"({n_params:.2f}M parameters, {init}); target {d.target}: {len(train_ds)} images (labels not read); "
         f"T={cfg.temperature}; device {device}", dist_info=dist_info)
 
-    loaders = {}
-    for name, spec in ([("val", d.val)] if d.val else []) + [(s, s) for s in d.val_extra]:
-        loader = eval_loader(spec, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
-                             on_error=d.on_error, synthetic=d.synthetic, pin_memory=device.type == "cuda")
-        if loader.dataset.classes.num_classes != classes.num_classes:
-            raise ConfigError(f"{spec}: {loader.dataset.classes.num_classes} classes, the teachers have "
-                              f"{classes.num_classes}")
-        loaders[name] = loader
+    loaders = val_loaders(d, num_classes=classes.num_classes, device=device, owner="the teachers have")
 
     evaluate = None
     if "val" in loaders:
@@ -78,12 +69,5 @@ def run_distill(cfg: DistillConfig) -> Path:
                       save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
     path = trainer.train(resume=cfg.train.resume)
 
-    extra = {name: l for name, l in loaders.items() if name != "val"}
-    if extra:
-        results: dict[str, Any] = {name: evaluate_model(student, l, device=device, eval_cfg=cfg.eval).to_dict()
-                                   for name, l in extra.items()}
-        if dist_info.is_main:
-            (run_dir / "eval_extra.json").write_text(json.dumps(results, indent=2))
-            for name, r in results.items():
-                log(f"{name}: mIoU {r['miou']:.2f}")
+    evaluate_extra(student, loaders, device=device, eval_cfg=cfg.eval, run_dir=run_dir, is_main=dist_info.is_main)
     return path
