@@ -61,11 +61,15 @@ def test_duda_runs_and_delivers_the_small_student(tmp_path, ckpts):
     # The small student moved away from its source initialisation.
     start = load_model(ckpts["small"])[0].state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+    # The large EMA teacher is saved beside it (a later distill or evaluate can use it).
+    large, large_info = load_model(tmp_path / "run" / "large_teacher.ckpt")
+    assert large_info.build_args["width"] == 8 and large_info.meta["exported"] == "large_teacher"
 
 
 def test_duda_can_deliver_the_large_teacher(tmp_path, ckpts):
     path = run_adapt(duda_cfg(tmp_path, ckpts, "t", "train.iters=1", "method.deliver=large_teacher"))
     assert load_model(path)[1].build_args["width"] == 8
+    assert load_model(tmp_path / "t" / "small_student.ckpt")[1].build_args["width"] == 4
 
 
 def test_ramp_is_zero_at_the_start_and_full_after():

@@ -214,7 +214,7 @@ def test_one_backward_gives_each_module_its_own_gradient():
     assert all(p.grad is None for p in task.source.parameters())
     # Only L_MAE: the generator's gradient is minus the one of minimising L_MAE (it maximises).
     task = make_task(tiny_source(), bns_weight=0, dad_weight=0, dad_st_weight=0, tar_weight=0, adv_weight=0,
-                     disc_weight=0)
+                     disc_weight=0, student_gen_bn="joint")
     with torch.no_grad():  # make the target model differ from the source so that L_MAE is not ~0
         task.student.classifier[1].weight.add_(0.05 * torch.randn_like(task.student.classifier[1].weight))
     torch.manual_seed(0)
@@ -280,3 +280,42 @@ def test_recipe_runs_end_to_end(tmp_path):
     assert json.loads((run / "eval.json").read_text())["num_images"] == 8
     state = torch.load(run / "state.pt", weights_only=True)
     assert set(state["modules"]) == {"student", "generator", "discriminator"} and "teacher" in state["task"]
+
+
+def test_running_bn_mode_keeps_generated_images_out_of_the_target_models_statistics():
+    batch = {"image": torch.randint(0, 255, (2, 3, 32, 64), dtype=torch.uint8)}
+    x = batch["image"].float() / 255
+    task = make_task(tiny_source(), student_gen_bn="running")
+    bn = [m for m in task.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bn:
+        m.momentum = None  # cumulative average: after one pass the running stats are that pass's batch stats
+        m.reset_running_stats()
+    task.training_step(batch, 0).loss.backward()
+    assert all(m.training for m in bn)  # eval mode was only for the generated pass
+    ref = tiny_source()
+    ref_bn = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in ref_bn:
+        m.momentum = None
+        m.reset_running_stats()
+    ref.train()
+    with torch.no_grad():
+        ref(x)  # the real crops alone
+    for a, b in zip(bn, ref_bn):
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5)
+        assert torch.allclose(a.running_var, b.running_var, atol=1e-5)
+    # The generated pass still trains the student (L_MAE) and reaches the generator with the reversed sign.
+    assert grads(task.student) > 0 and grads(task.generator) > 0
+
+
+def test_generator_and_discriminator_lr_multipliers_reach_the_optimizer():
+    from sfdaseg.config import OptimConfig
+    from sfdaseg.engine.trainer import build_param_groups
+
+    task = make_task(tiny_source(), gen_lr_mult=20.0, disc_lr_mult=5.0)
+    groups = build_param_groups(task.trainable_modules(), OptimConfig(lr=1e-4, head_lr_mult=2.0))
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["generator/head"] == pytest.approx(1e-4 * 2.0 * 20.0)
+    assert lr["discriminator/head"] == pytest.approx(1e-4 * 2.0 * 5.0)
+    assert lr["student/backbone"] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="method.gen_lr_mult"):
+        SFDALiuConfig(gen_lr_mult=0).validate()

@@ -67,6 +67,8 @@ def log(msg: str, *, dist_info: DistInfo | None = None) -> None:
 def build_param_groups(modules: Mapping[str, nn.Module], cfg: OptimConfig) -> list[dict[str, Any]]:
     """One group per (module, backbone|head, decay|no-decay); the head gets ``cfg.head_lr_mult``.
 
+    A module may carry an ``lr_mult`` attribute (a float) that scales every group of its own on top of that: a
+    generator or discriminator trained from scratch beside a fine-tuned model wants a larger step than the model.
     Each group records its ``lr_mult`` so the schedule scales every group from its own base LR.
     """
     groups: list[dict[str, Any]] = []
@@ -74,7 +76,7 @@ def build_param_groups(modules: Mapping[str, nn.Module], cfg: OptimConfig) -> li
     for mname, module in modules.items():
         parts = module.param_groups() if hasattr(module, "param_groups") else {"all": list(module.parameters())}
         for pname, params in parts.items():
-            mult = cfg.head_lr_mult if pname == "head" else 1.0
+            mult = (cfg.head_lr_mult if pname == "head" else 1.0) * float(getattr(module, "lr_mult", 1.0))
             decay, no_decay = [], []
             for p in params:
                 if not p.requires_grad or id(p) in seen:

@@ -34,7 +34,7 @@ given as ``student_checkpoint`` together with ``student``), which is a harder, d
 Delivered model: the small student (``method.deliver=small``, default), whatever the run-level ``export`` key
 says: for DUDA "the student" is ambiguous and the point of the method is the small model.
 ``method.deliver=large_teacher`` delivers the large EMA teacher instead (e.g. to use it as a teacher of a later
-``sfdaseg distill``).
+``sfdaseg distill``). The other model is saved too, as ``RUN/large_teacher.ckpt`` (or ``RUN/small_student.ckpt``).
 """
 
 from __future__ import annotations
@@ -223,6 +223,12 @@ class DUDA(TeacherStudentTask):
 
     def export_model(self) -> nn.Module:
         return self.teacher.module if self.cfg.deliver == "large_teacher" else self.small
+
+    def extra_exports(self) -> dict[str, nn.Module]:
+        """The model not delivered, saved beside ``model.ckpt`` as ``RUN/<name>.ckpt`` by ``adapt``."""
+        if self.cfg.deliver == "large_teacher":
+            return {"small_student": self.small}
+        return {"large_teacher": self.teacher.module}
 
 
 def build(ctx: AdaptContext, cfg: DUDAConfig) -> DUDA:

@@ -112,6 +112,11 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                       monitor_every=max(cfg.monitor.every, 0),
                       save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
     path = trainer.train(resume=cfg.train.resume)
+    if dist_info.is_main and hasattr(task, "extra_exports"):
+        # Models a recipe trains beside the delivered one (duda's large teacher): RUN/<name>.ckpt each, written
+        # after model.ckpt and atomically like it, so a later `distill` or `evaluate` can use them.
+        for name, net in task.extra_exports().items():
+            save_model(run_dir / f"{name}.ckpt", net, classes=classes, config=config, meta={**meta, "exported": name})
 
     results = evaluate_extra(task.export_model(), loaders, device=device, eval_cfg=cfg.eval, run_dir=run_dir,
                              is_main=dist_info.is_main)
