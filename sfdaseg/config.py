@@ -595,7 +595,7 @@ class BenchConfig:
     one), the unlabelled ``target`` and a labelled ``val`` (used only to score the final models and snapshots).
     """
 
-    recipes: list[str] = field(default_factory=lambda: ["selftrain", "stvm", "diga_sf"])
+    recipes: list[str] = field(default_factory=lambda: ["selftrain", "stvm", "diga_sf", "sfda_liu"])
     seeds: int = 3
     ablations: bool = False  # add one row per removed part of each recipe (``ablation_seeds`` seeds)
     ablation_seeds: int = 1

@@ -319,3 +319,26 @@ def test_generator_and_discriminator_lr_multipliers_reach_the_optimizer():
     assert lr["student/backbone"] == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="method.gen_lr_mult"):
         SFDALiuConfig(gen_lr_mult=0).validate()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_pass_mode_trains_under_ddp(tmp_path, cli_env, python):
+    """student_gen_bn=running calls the DDP-wrapped target model twice before the one backward: 2 gloo ranks must
+    finish with identical weights (the trainer's replica check)."""
+    import subprocess
+
+    src = tmp_path / "source.ckpt"
+    save_model(src, tiny_source(), classes=CITYSCAPES19)
+    run = subprocess.run(
+        [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sfdaseg", "adapt",
+         "recipe=sfda_liu", f"checkpoint={src}", f"train.out={tmp_path / 'ddp'}", "method.student_gen_bn=running",
+         "data.synthetic={size: [32, 64], length: 8}", "data.crop=[32,64]", "data.batch_size=2",
+         "data.num_workers=0", "data.val=null", "data.val_extra=[]", "train.device=cpu", "train.progress=false",
+         "train.iters=2", "train.ckpt_every=2", "method.gen_width=8", "method.gen_size=[32,64]", "monitor.every=-1",
+         "report=false"],
+        env=cli_env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["replica_max_abs_diff"] for r in records if "replica_max_abs_diff" in r] == [0.0]

@@ -51,6 +51,16 @@ ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
         ("no distillation", ["method.distill_weight=0.0"]),
         ("no style augmentation", ["method.style=none"]),
     ],
+    # Built up part by part (the paper's ablation order): knowledge transfer alone, + dual attention, + the
+    # MaxSquare target loss, then everything but IPSM's patch adversary is the full recipe's row.
+    "sfda_liu": [
+        ("BNS only (L_BNS + L_MAE, no target loss)", [
+            "method.dad_weight=0.0", "method.dad_st_weight=0.0", "method.tar_weight=0.0", "method.adv_weight=0.0",
+            "method.disc_weight=0.0"]),
+        ("BNS + DAD (no target loss)", ["method.tar_weight=0.0", "method.adv_weight=0.0", "method.disc_weight=0.0"]),
+        ("BNS + DAD + MaxSquare (no IPSM)", ["method.adv_weight=0.0", "method.disc_weight=0.0"]),
+        ("joint BN (generated images in the target model's batch)", ["method.student_gen_bn=joint"]),
+    ],
 }
 
 
