@@ -110,6 +110,22 @@ def test_duda_config_errors_name_the_key(tmp_path, ckpts):
     with pytest.raises(ConfigError, match="method.student_checkpoint: no such file"):
         duda_cfg(tmp_path, ckpts, "x", "method.student_checkpoint=missing.ckpt").method_config()
     assert "duda" in RECIPES
+    with pytest.raises(ConfigError, match="method.small_lr_mult"):
+        duda_cfg(tmp_path, ckpts, "x", "method.small_lr_mult=0").method_config()
+
+
+def test_small_student_learns_at_its_own_rate(tmp_path, ckpts):
+    from sfdaseg.engine.trainer import build_param_groups
+    from sfdaseg.methods.common import AdaptContext
+    from sfdaseg.methods.duda import build
+
+    cfg = duda_cfg(tmp_path, ckpts, "lr", "method.small_lr_mult=10", "optim.lr=1e-4", "optim.head_lr_mult=1",
+                   "method.schedule_iters=10")
+    model = load_model(ckpts["large"])[0]
+    task = build(AdaptContext(model=model, classes=CITYSCAPES19, device=torch.device("cpu"), export="teacher"),
+                 cfg.method_config())
+    lrs = {g["name"].split("/")[0]: g["lr"] for g in build_param_groups(task.trainable_modules(), cfg.optim)}
+    assert lrs["small"] == pytest.approx(1e-3) and lrs["student"] == pytest.approx(1e-4)
 
 
 def test_duda_resume_gives_the_same_small_student(tmp_path, ckpts, monkeypatch):

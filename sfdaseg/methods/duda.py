@@ -78,10 +78,13 @@ class DUDAConfig:
     inconsistency_weight: float = 1.0  # class-weighted CE of the small student (reconstructed)
     deliver: str = choices("small", "large_teacher", default="small", help="the model the run delivers")
     schedule_iters: int | None = None  # steps the ramp refers to; None: the run's train.iters
+    small_lr_mult: float = 1.0  # the small student's LR = optim.lr * small_lr_mult (ours; it may start from scratch)
 
     def validate(self) -> None:
         from sfdaseg.models import MODELS
 
+        if self.small_lr_mult <= 0:
+            raise ConfigError(f"method.small_lr_mult: expected a multiplier > 0, got {self.small_lr_mult}")
         if self.student is not None and self.student not in MODELS:
             raise ConfigError(f"method.student: unknown model {self.student!r}; choices: {', '.join(MODELS)}")
         if self.student_checkpoint and not Path(self.student_checkpoint).is_file():
@@ -165,6 +168,7 @@ class DUDA(TeacherStudentTask):
         super().__init__(ctx.model, EMATeacher(ctx.model, momentum=cfg.ema_momentum), export=ctx.export,
                          extra_trainable={"small": small})
         self.small = small
+        self.small.lr_mult = cfg.small_lr_mult  # read by the trainer's build_param_groups
         self.cfg = cfg
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
