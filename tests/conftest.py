@@ -24,3 +24,24 @@ def cli_env():
 @pytest.fixture
 def python():
     return sys.executable
+
+
+@pytest.fixture
+def interrupt_after_first_checkpoint(monkeypatch):
+    """``interrupt(run)`` calls ``run()`` with the trainer killed (KeyboardInterrupt) right after its first
+    ``state.pt`` is written, as a job stopped between checkpoints, and restores the trainer afterwards."""
+    from sfdaseg.engine import trainer as trainer_mod
+
+    original = trainer_mod.Trainer.save_state
+
+    def save_then_stop(self):
+        original(self)
+        raise KeyboardInterrupt
+
+    def interrupt(run):
+        with monkeypatch.context() as m:
+            m.setattr(trainer_mod.Trainer, "save_state", save_then_stop)
+            with pytest.raises(KeyboardInterrupt):
+                run()
+
+    return interrupt

@@ -128,20 +128,11 @@ def test_small_student_learns_at_its_own_rate(tmp_path, ckpts):
     assert lrs["small"] == pytest.approx(1e-3) and lrs["student"] == pytest.approx(1e-4)
 
 
-def test_duda_resume_gives_the_same_small_student(tmp_path, ckpts, monkeypatch):
+def test_duda_resume_gives_the_same_small_student(tmp_path, ckpts, interrupt_after_first_checkpoint):
     full = run_adapt(duda_cfg(tmp_path, ckpts, "full", "train.iters=4", "train.ckpt_every=2"))
-    from sfdaseg.engine import trainer as trainer_mod
-
-    original = trainer_mod.Trainer.save_state
-
-    def save_then_stop(self):
-        original(self)
-        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_adapt(duda_cfg(tmp_path, ckpts, "cut", "train.iters=4", "train.ckpt_every=2"))
-    monkeypatch.setattr(trainer_mod.Trainer, "save_state", original)
+    # Killed right after the step-2 checkpoint.
+    interrupt_after_first_checkpoint(lambda: run_adapt(duda_cfg(tmp_path, ckpts, "cut", "train.iters=4",
+                                                                "train.ckpt_every=2")))
     resumed = run_adapt(duda_cfg(tmp_path, ckpts, "cut", "train.iters=4", "train.ckpt_every=2", "train.resume=true"))
     a, b = load_model(full)[0].state_dict(), load_model(resumed)[0].state_dict()
     for k in a:

@@ -145,7 +145,7 @@ def test_recipe_runs_and_caches_the_mc_dropout_certainty(tmp_path, sources):
     assert len(list((tmp_path / "cache").rglob("manifest.json"))) == 2
 
 
-def test_recipe_resumes_exactly(tmp_path, sources, monkeypatch):
+def test_recipe_resumes_exactly(tmp_path, sources, interrupt_after_first_checkpoint):
     """MC-dropout masks and style donors come from the trainer's per-step seed: a resumed run is the same run."""
     def cfg(name, *extra):
         return load_config(AdaptConfig, overrides=["recipe=unisfda", f"checkpoint={sources['a']}",
@@ -154,18 +154,7 @@ def test_recipe_resumes_exactly(tmp_path, sources, monkeypatch):
                                                    "method.online_mc_passes=2", *common(tmp_path), *extra])
 
     full = run_adapt(cfg("full"))
-    from sfdaseg.engine import trainer as trainer_mod
-
-    original = trainer_mod.Trainer.save_state
-
-    def save_then_stop(self):
-        original(self)
-        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_adapt(cfg("cut"))
-    monkeypatch.undo()
+    interrupt_after_first_checkpoint(lambda: run_adapt(cfg("cut")))  # killed right after the step-2 checkpoint
     resumed = run_adapt(cfg("cut", "train.resume=true"))
     a, b = load_model(full)[0].state_dict(), load_model(resumed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

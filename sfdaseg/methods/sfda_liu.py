@@ -543,7 +543,8 @@ class SFDALiu:
         z = torch.randn(bg, cfg.z_dim, device=x.device)
         x_g = self.gen(z).float()  # (Bg, 3, Hg, Wg) in [0, 1]
         if tuple(x_g.shape[-2:]) != size:
-            # One student forward takes generated and real images together: they need one size.
+            # student_gen_bn=joint runs generated and real images in one forward, so they need one size; the
+            # two-pass mode uses the same size, so that both modes show the target model the same images.
             x_g = F.interpolate(x_g, size=size, mode="bilinear", align_corners=False)
 
         # Frozen source on x_g: BN statistics (G minimises), logits and features (no reversal here).

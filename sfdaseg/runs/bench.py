@@ -52,7 +52,7 @@ ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
         ("no style augmentation", ["method.style=none"]),
     ],
     # Built up part by part (the paper's ablation order): knowledge transfer alone, + dual attention, + the
-    # MaxSquare target loss, then everything but IPSM's patch adversary is the full recipe's row.
+    # MaxSquare target loss; adding IPSM's patch adversary gives the full recipe's row. Last, the BN-mode choice.
     "sfda_liu": [
         ("BNS only (L_BNS + L_MAE, no target loss)", [
             "method.dad_weight=0.0", "method.dad_st_weight=0.0", "method.tar_weight=0.0", "method.adv_weight=0.0",
