@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from sfdaseg.config import EvalConfig
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.models import load_model
 from sfdaseg.runs.common import eval_loader, evaluate_model
 
 SYNTHETIC = {"size": [128, 256], "length": 200}

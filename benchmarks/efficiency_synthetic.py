@@ -28,6 +28,7 @@ are read by the scoring step only, after every run has finished.
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import os
@@ -39,14 +40,17 @@ from pathlib import Path
 
 import torch
 
+from sfdaseg.log import setup_logging
 from sfdaseg.config import AdaptConfig, EvalConfig, TrainSourceConfig, load_config
-from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.models import load_model
 from sfdaseg.evaluation.cost import model_cost
 from sfdaseg.methods.unisfda import EnsembleLabeller
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.runs.common import eval_loader, evaluate_model
 from sfdaseg.runs.pipeline import run_pipeline
 from sfdaseg.runs.train_source import run_train_source
+
+logger = logging.getLogger("sfdaseg.bench")
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs/adapt/unisfda_pipeline_synthetic.yaml"
@@ -57,7 +61,7 @@ SPLITS = {"target": "synthetic:target:val", "shift": "synthetic:shift:val"}
 GOAL_KEEP = 0.9
 
 
-def log(msg: str) -> None:
+def logger.info(msg: str) -> None:
     print(f"[efficiency] {msg}", file=sys.stderr, flush=True)
 
 
@@ -68,7 +72,7 @@ def source(out: Path, width: int, given: str | None, device: str) -> Path:
         return Path(given)
     ckpt = out / "sources" / f"w{width}" / "model.ckpt"
     if not ckpt.exists():
-        log(f"training the width-{width} source model into {ckpt.parent}")
+        logger.info(f"training the width-{width} source model into {ckpt.parent}")
         cfg = load_config(TrainSourceConfig, file=SOURCE, overrides=[
             f"model.options={{width: {width}}}", f"train.out={ckpt.parent}", f"train.device={device}",
             "train.resume=true", "train.progress=false", "data.val=null"])
@@ -136,6 +140,7 @@ def mean_std(xs: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/efficiency")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

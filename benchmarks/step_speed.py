@@ -9,9 +9,9 @@ For each recipe (``--recipes``) at one model, batch, crop and precision, on one 
   ``--data-size``, PNG, decoded, rescaled, cropped and flipped in ``--workers`` worker processes, pinned on CUDA,
   persistent workers; for ``diga_sf`` the offline pseudo-labels are built first into a cache, as ``adapt`` does,
   and read with every sample). One iteration = data wait + ``task.training_step`` (under autocast) + backward +
-  optimizer step + ``after_optimizer_step`` (the EMA update) + the trainer's bookkeeping. The clock is read at
-  the end of each ``after_optimizer_step``, after ``torch.cuda.synchronize()``; the period between two such
-  reads is one step. The first ``--warmup`` steps are not timed.
+  optimizer step + ``after_optimizer_step`` (the EMA update) + the trainer's bookkeeping. The clock is read by a
+  trainer hook (:class:`StepTimer`) after each step, after ``torch.cuda.synchronize()``; the period between two
+  such reads is one step. The first ``--warmup`` steps are not timed.
   What differs from ``sfdaseg adapt``: the model is randomly initialised (speed does not depend on the weights),
   nothing is evaluated, ``state.pt`` is not written, and the loop synchronises once per step (the host cannot
   queue the next step while the device finishes this one: conservative by at most the host time before a
@@ -23,8 +23,8 @@ For each recipe (``--recipes``) at one model, batch, crop and precision, on one 
   Call shapes are recorded with forward hooks during one real step ("teacher" = every frozen module the task
   holds that was called; "student" = every trained ``SegmentationModel``). Other trainable modules (stvm's
   metric network), losses, augmentation, pseudo-labelling and the EMA update are what the overhead measures.
-- **overhead** = step / bare; **img/s** = batch / step; **data wait**: the time ``next()`` on the trainer's
-  loader blocks, mean ms per timed step and % of the summed step time;
+- **overhead** = step / bare; **img/s** = batch / step; **data wait**: the time the trainer waits for a batch
+  (decoding behind it is hidden by the workers), mean ms per timed step and % of the summed step time;
 - **peak mem**: ``torch.cuda.max_memory_allocated`` over the run (CUDA); on the CPU the main process's peak RSS
   so far (``resource.getrusage``; monotonic over the rows, DataLoader workers not included);
 - **FLOPs**: one extra real step (not timed) runs under ``torch.utils.flop_counter.FlopCounterMode``: the
@@ -53,6 +53,7 @@ A 40k-iteration projection (``--project-iters``) is printed for every base row. 
 
 from __future__ import annotations
 
+import logging
 import argparse
 import gc
 import json
@@ -73,16 +74,21 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from sfdaseg.config import AdaptConfig, ConfigError, OptimConfig, TrainConfig, from_dict, nest, parse_override
+from sfdaseg.amp import AMP_DTYPES
+from sfdaseg.config import (AdaptConfig, AdaptDataConfig, ConfigError, OptimConfig, TrainConfig, from_dict, nest,
+                            parse_override)
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.data.transforms import build_eval_transform, build_train_transform, collate
+from sfdaseg.data.transforms import collate
 from sfdaseg.engine.distributed import DistInfo, resolve_device
-from sfdaseg.engine.trainer import Trainer, log
+from sfdaseg.engine.hooks import HookBase
+from sfdaseg.engine.trainer import Trainer
+from sfdaseg.log import setup_logging
 from sfdaseg.methods import RECIPES
 from sfdaseg.methods.common import AdaptContext
-from sfdaseg.models import MODELS, build_model
-from sfdaseg.models.base import SegmentationModel
-from sfdaseg.runs.common import dataset_from_spec
+from sfdaseg.models import MODELS, SegmentationModel, build_model
+from sfdaseg.runs.adapt import target_datasets
+
+logger = logging.getLogger("sfdaseg.bench")
 
 SWITCHES = ("bf16", "channels_last", "fused", "compile", "sdpa", "cudnn_benchmark")
 CUDA_ONLY = ("fused", "cudnn_benchmark")
@@ -160,7 +166,7 @@ def write_images(root: Path, *, num_images: int, size: tuple[int, int]) -> Path:
 
     done = root / ".complete"
     if not done.exists():
-        log(f"writing {num_images} images of {size[1]}x{size[0]} to {root}")
+        logger.info(f"writing {num_images} images of {size[1]}x{size[0]} to {root}")
         write_folder_dataset(root, domain="target", split="train", length=num_images, size=size)
         done.write_text("ok\n")
     return root
@@ -181,51 +187,21 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 # ------------------------------------------------------------------------------------------------ instrumentation
 
 
-class _TimedIterator:
-    """Wraps the trainer's data iterator and records how long each ``next()`` blocks (seconds)."""
+class StepTimer(HookBase):
+    """A trainer hook: a clock read after each optimizer step, the data wait of each step, one FLOP-counted step.
 
-    def __init__(self, it) -> None:
-        self.it = it
-        self.waits: list[float] = []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        t0 = time.perf_counter()
-        batch = next(self.it)
-        self.waits.append(time.perf_counter() - t0)
-        return batch
-
-
-class _BenchTrainer(Trainer):
-    """The real trainer; only the data iterator is timed and the resume state is not written."""
-
-    timed_data: _TimedIterator | None = None
-
-    def _loader(self, start_position: int):
-        self.timed_data = _TimedIterator(super()._loader(start_position))
-        return self.timed_data
-
-    def save_state(self) -> None:  # a benchmark does not resume; writing state.pt would cost seconds per row
-        pass
-
-
-class _TimedTask:
-    """A recipe task, unchanged, plus a clock read after each optimizer step and one FLOP-counted step.
-
-    ``ends[i]``: ``perf_counter()`` after step ``i``'s EMA update and a device synchronisation. At
-    ``count_step`` the whole step (training_step to after_optimizer_step) runs under ``FlopCounterMode``, and
-    forward hooks on every trainable module and every frozen module the task holds (the EMA teacher, a frozen
-    source model) record each top-level call: role (the trainer's module name or the task's attribute name),
-    input shape, keyword arguments and forward FLOPs.
+    ``ends[i]``: ``perf_counter()`` after step ``i`` (its EMA update included) and a device synchronisation;
+    ``waits[i]``: the seconds step ``i`` waited for its batch. Step ``count_step`` runs under ``FlopCounterMode``
+    (from ``before_step`` to ``after_step``), and forward hooks on every trainable module and every frozen
+    module the task holds (the EMA teacher, a frozen source model) record each top-level call: role (the
+    trainer's module name or the task's attribute name), input shape, keyword arguments and forward FLOPs.
     """
 
-    def __init__(self, task: Any, *, sync: Callable[[], None], count_step: int | None, peak_step: int,
+    def __init__(self, *, sync: Callable[[], None], count_step: int | None, peak_step: int,
                  device: torch.device) -> None:
-        self._task = task
         self.sync, self.count_step, self.peak_step, self.device = sync, count_step, peak_step, device
         self.ends: dict[int, float] = {}
+        self.waits: dict[int, float] = {}
         self.peak: tuple[float, str] | None = None
         self.roles: dict[str, nn.Module] = {}
         self.trained: set[str] = set()
@@ -235,26 +211,27 @@ class _TimedTask:
         self._handles: list[Any] = []
         self._stack: list[tuple[str, int, tuple[int, ...], dict] | None] = []
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the recipe's own
-        if name == "_task":
-            raise AttributeError(name)
-        return getattr(self._task, name)
+    def before_train(self, trainer: Trainer) -> None:
+        self.roles = {**frozen_modules(trainer.task, trainer), **trainer.modules}
+        self.trained = set(trainer.modules)
 
-    def training_step(self, batch: dict, step: int):
-        if step == self.count_step:
+    def before_step(self, trainer: Trainer) -> None:
+        if trainer.step == self.count_step:
             self._start_count()
-        return self._task.training_step(batch, step)
 
-    def after_optimizer_step(self, step: int) -> None:
-        if hasattr(self._task, "after_optimizer_step"):
-            self._task.after_optimizer_step(step)
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.step - 1  # the step that just ran
         if step == self.count_step:
             self.stop_count()
             return
         self.sync()
         self.ends[step] = time.perf_counter()
+        self.waits[step] = trainer.last_data_wait
         if step == self.peak_step:
             self.peak = peak_memory(self.device)
+
+    def close(self, trainer: Trainer) -> None:
+        self.stop_count()
 
     # -- FLOPs and call shapes
 
@@ -310,33 +287,16 @@ def build_task(spec: RowSpec, args, device: torch.device, data_root: Path, run_d
             backbone.config._attn_implementation = "eager"
     recipe = RECIPES[spec.recipe]
     overrides = {k.split(".", 1)[1]: v for k, v in args.method if k.split(".", 1)[0] == spec.recipe}
-    method_cfg = from_dict(recipe.config_cls, nest(overrides), source="--method", prefix="method.")
-    if hasattr(method_cfg, "validate"):
-        method_cfg.validate()
-    needs_offline = hasattr(method_cfg, "offline_scales")
-    target = f"folder:{data_root}"
-    resize = tuple(args.resize) if args.resize else None
-    train_tf = build_train_transform(resize=None if needs_offline else resize, scale_range=tuple(args.scale_range),
-                                     crop=tuple(args.crop), hflip=True, photometric=False)
-    if needs_offline:
-        from sfdaseg.offline_labels import OfflineLabelCache, WithOfflineLabels, build_offline_labels, model_fingerprint
-
-        base = dataset_from_spec(target, with_labels=False, transform=build_eval_transform(resize=resize))
-        options = method_cfg.offline_label_options() if hasattr(method_cfg, "offline_label_options") else {}
-        fingerprint = model_fingerprint(model, extra={"scales": list(method_cfg.offline_scales), "resize": resize,
-                                                      **options})
-        cache = OfflineLabelCache(args.workdir / "pseudo_labels", fingerprint=fingerprint)
-        build_offline_labels(model, base, cache, device=device, batch_size=args.batch,
-                             scales=tuple(method_cfg.offline_scales), amp=spec.amp, num_workers=args.workers,
-                             **options)
-        train_ds = WithOfflineLabels(base, cache, transform=train_tf)
-        target_ctx = WithOfflineLabels(base, cache)
-    else:
-        train_ds = dataset_from_spec(target, with_labels=False, transform=train_tf)
-        target_ctx = dataset_from_spec(target, with_labels=False)
+    method_cfg = from_dict(recipe.config_cls, nest(overrides), source="--method", prefix="method.")  # validated
+    data_cfg = AdaptDataConfig(target=f"folder:{data_root}", resize=tuple(args.resize) if args.resize else None,
+                               scale_range=tuple(args.scale_range), crop=tuple(args.crop), hflip=True,
+                               num_workers=args.workers, val_batch_size=args.batch,
+                               cache_dir=str(args.workdir / "pseudo_labels"))
+    train_ds, target_ctx = target_datasets(model, method_cfg.offline_labels(), data_cfg, device=device,
+                                           amp=spec.amp, progress=False)
     torch.manual_seed(0)
     ctx = AdaptContext(model=model, classes=CITYSCAPES19, device=device, export="teacher", target=target_ctx,
-                       run_dir=run_dir)
+                       run_dir=run_dir, iters=args.warmup + args.steps + 1)
     return recipe.build(ctx, method_cfg), train_ds
 
 
@@ -355,7 +315,7 @@ def bare_compute(task: Any, trainer: Trainer, calls: list[dict], *, spec: RowSpe
     # The trained segmentation models (the student; DUDA's small student too), as the step calls them (compiled
     # when the row compiles). Other trained modules (metric network, generator, discriminator) are overhead.
     students = {k: trainer.wrapped.get(k, m) for k, m in trainer.modules.items() if isinstance(m, SegmentationModel)}
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
+    amp_dtype = AMP_DTYPES[spec.amp]
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
 
     def make(shape):
@@ -412,7 +372,7 @@ def measure(spec: RowSpec, args, device: torch.device, data_root: Path, *, count
 
 def _measure(spec: RowSpec, args, device: torch.device, data_root: Path, *, count: bool,
              calls: list[dict] | None) -> dict[str, Any]:
-    log(f"[{spec.recipe} / {spec.label}] building")
+    logger.info(f"[{spec.recipe} / {spec.label}] building")
     run_dir = Path(tempfile.mkdtemp(prefix="run_", dir=args.workdir))
     task, train_ds = build_task(spec, args, device, data_root, run_dir)
     if device.type == "cuda":  # the peak of training (weights included), not of the offline-label pass
@@ -420,33 +380,30 @@ def _measure(spec: RowSpec, args, device: torch.device, data_root: Path, *, coun
         torch.cuda.reset_peak_memory_stats(device)
     iters = args.warmup + args.steps + (1 if count else 0)
     last_timed = args.warmup + args.steps - 1
-    timed = _TimedTask(task, sync=sync_fn(device), count_step=last_timed + 1 if count else None,
-                       peak_step=last_timed, device=device)
+    timer = StepTimer(sync=sync_fn(device), count_step=last_timed + 1 if count else None, peak_step=last_timed,
+                      device=device)
     train_cfg = TrainConfig(iters=iters, amp=spec.amp, channels_last=spec.channels_last, compile=spec.compile,
                             seed=0, device=str(device), log_every=10**9, ckpt_every=10**9, out=str(run_dir),
                             progress=False, tensorboard=False)
     optim_cfg: OptimConfig = replace(AdaptConfig().optim, name=args.optim, fused=spec.fused)
-    trainer = _BenchTrainer(timed, train_ds, train_cfg=train_cfg, optim_cfg=optim_cfg, batch_size=args.batch,
-                            num_workers=args.workers, device=device, dist_info=DistInfo(), run_dir=run_dir,
-                            save_model=lambda path, model: None, evaluate=None, config={}, collate_fn=collate)
-    timed.roles = {**frozen_modules(task, trainer), **trainer.modules}
-    timed.trained = set(trainer.modules)
-    log(f"[{spec.recipe} / {spec.label}] {args.warmup} warm-up + {args.steps} timed steps")
-    try:
-        trainer.train()
-    finally:
-        timed.stop_count()
-    waits_ms = [w * 1e3 for w in trainer.timed_data.waits[args.warmup: args.warmup + args.steps]]
-    trainer.timed_data = None  # the loader's last reference: its workers shut down before the bare loop runs
-    gc.collect()
-    calls = timed.calls if count else calls
-    log(f"[{spec.recipe} / {spec.label}] bare compute")
+    # The real trainer; the step timer is a hook, and a benchmark does not resume (no state.pt, which would cost
+    # seconds per row).
+    trainer = Trainer(task, train_ds, train_cfg=train_cfg, optim_cfg=optim_cfg, batch_size=args.batch,
+                      num_workers=args.workers, device=device, dist_info=DistInfo(), run_dir=run_dir,
+                      save_model=lambda path, model: None, hooks=[timer], config={}, collate_fn=collate,
+                      checkpoints=False)
+    logger.info(f"[{spec.recipe} / {spec.label}] {args.warmup} warm-up + {args.steps} timed steps")
+    trainer.train()
+    waits_ms = [timer.waits[i] * 1e3 for i in range(args.warmup, args.warmup + args.steps)]
+    gc.collect()  # the loader's workers shut down before the bare loop runs
+    calls = timer.calls if count else calls
+    logger.info(f"[{spec.recipe} / {spec.label}] bare compute")
     bare = bare_compute(task, trainer, calls or [], spec=spec, device=device, warmup=args.warmup, steps=args.steps)
 
-    steps_ms = [(timed.ends[i] - timed.ends[i - 1]) * 1e3 for i in range(args.warmup, args.warmup + args.steps)]
+    steps_ms = [(timer.ends[i] - timer.ends[i - 1]) * 1e3 for i in range(args.warmup, args.warmup + args.steps)]
     step = statistics.median(steps_ms)
     bare_ms = statistics.median(bare)
-    mem, mem_kind = timed.peak
+    mem, mem_kind = timer.peak
     row: dict[str, Any] = {
         "recipe": spec.recipe, "config": spec.label, "model": args.model, "batch": args.batch,
         "crop": list(args.crop), "amp": spec.amp, "device": str(device),
@@ -458,14 +415,14 @@ def _measure(spec: RowSpec, args, device: torch.device, data_root: Path, *, coun
                                                     "cudnn_benchmark")},
     }
     if count:
-        proj = sum((3 if c["trained"] else 1) * c["forward_flops"] for c in timed.calls)
-        row.update(counted_flops=float(timed.counted_flops), projected_flops=float(proj),
-                   calls=[{k: (list(v) if k == "shape" else v) for k, v in c.items()} for c in timed.calls])
+        proj = sum((3 if c["trained"] else 1) * c["forward_flops"] for c in timer.calls)
+        row.update(counted_flops=float(timer.counted_flops), projected_flops=float(proj),
+                   calls=[{k: (list(v) if k == "shape" else v) for k, v in c.items()} for c in timer.calls])
     row["_calls"] = calls
 
-    del trainer, timed, task, train_ds
+    del trainer, timer, task, train_ds
     gc.collect()
-    log(f"[{spec.recipe} / {spec.label}] step {step:.1f} ms, bare {bare_ms:.1f} ms")
+    logger.info(f"[{spec.recipe} / {spec.label}] step {step:.1f} ms, bare {bare_ms:.1f} ms")
     return row
 
 
@@ -551,6 +508,7 @@ def projection_line(row: dict, iters: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", default="selftrain,stvm,diga_sf",
                    type=lambda s: parse_list(s, tuple(RECIPES), "--recipes"),

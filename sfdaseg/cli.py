@@ -12,12 +12,25 @@ import errno
 import os
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from sfdaseg.config import (AdaptConfig, BenchConfig, ConfigError, DemoConfig, EvaluateConfig, ExportConfig,
-                            PredictConfig, TrainSourceConfig, load_config, parse_override)
-from sfdaseg.config import DistillConfig
+from sfdaseg.config import (AdaptConfig, BenchConfig, ConfigError, DemoConfig, DistillConfig, EvaluateConfig,
+                            ExportConfig, PredictConfig, TrainSourceConfig, load_config, parse_override)
+from sfdaseg.data.datasets import DatasetError
+from sfdaseg.engine.trainer import NonFiniteLossError
+from sfdaseg.log import setup_logging
+from sfdaseg.models import WeightsError
+from sfdaseg.runs.adapt import run_adapt
+from sfdaseg.runs.bench import run_bench
+from sfdaseg.runs.demo import run_demo
+from sfdaseg.runs.distill import run_distill
+from sfdaseg.runs.evaluate import run_evaluate
+from sfdaseg.runs.export import run_export
+from sfdaseg.runs.pipeline import run_pipeline
+from sfdaseg.runs.predict import run_predict
+from sfdaseg.runs.train_source import run_train_source
+from sfdaseg.storage import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -35,67 +48,26 @@ class Command:
     name: str
     summary: str
     examples: str
+    config_cls: type
+    run: Callable[[Any], Any]
     flags: tuple[Flag, ...] = ()
-    config_cls: type | None = None
-    run: Callable[[Any], Any] | None = None
-    pending_issue: int | None = None  # commands whose implementation has not landed yet
-    extra: dict = field(default_factory=dict)
-
-
-def _run_demo(cfg):
-    from sfdaseg.runs.demo import run_demo
-
-    return run_demo(cfg)
-
-
-def _run_train_source(cfg):
-    from sfdaseg.runs.train_source import run_train_source
-
-    return run_train_source(cfg)
 
 
 def _run_adapt(cfg):
-    if cfg.stages:  # a multi-stage UniSFDA run: stage folders under train.out, the final model's path returned
-        from sfdaseg.runs.pipeline import run_pipeline
-
-        return run_pipeline(cfg)
-    from sfdaseg.runs.adapt import run_adapt
-
-    return run_adapt(cfg)
+    # A `stages:` section makes it a multi-stage UniSFDA run: stage folders under train.out, the final model's path.
+    return run_pipeline(cfg) if cfg.stages else run_adapt(cfg)
 
 
 _ARGV: list[str] = []  # the command line being run, for reports that print how to reproduce them
 
 
 def _run_bench(cfg):
-    from sfdaseg.runs.bench import run_bench
-
     run_bench(cfg, command="sfdaseg " + " ".join(_ARGV))
 
 
-def _run_distill(cfg):
-    from sfdaseg.runs.distill import run_distill
-
-    return run_distill(cfg)  # the student checkpoint, last line of stdout
-
-
-def _run_evaluate(cfg):
-    from sfdaseg.runs.evaluate import run_evaluate
-
-    run_evaluate(cfg)
-    return None
-
-
-def _run_predict(cfg):
-    from sfdaseg.runs.predict import run_predict
-
-    return run_predict(cfg)  # the output folder, last line of stdout
-
-
-def _run_export(cfg):
-    from sfdaseg.runs.export import run_export
-
-    return run_export(cfg)  # the ONNX file, last line of stdout
+def _no_result(run: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """For commands whose result is a table on stderr, not a path on stdout."""
+    return lambda cfg: (run(cfg), None)[1]
 
 
 COMMANDS: dict[str, Command] = {
@@ -111,7 +83,7 @@ COMMANDS: dict[str, Command] = {
                    Flag(("--quick",), "quick", "a much shorter run (smoke test)", switch=True),
                    Flag(("--device",), "device", "auto | cpu | cuda | cuda:N"),
                    ),
-            config_cls=DemoConfig, run=_run_demo,
+            config_cls=DemoConfig, run=run_demo,
         ),
         Command(
             "train-source", "supervised training on a labelled (source) dataset",
@@ -134,7 +106,7 @@ COMMANDS: dict[str, Command] = {
                    Flag(("--amp",), "train.amp", "fp32 | bf16 | fp16"),
                    Flag(("--seed",), "train.seed", "random seed", metavar="N"),
                    Flag(("--resume",), "train.resume", "continue the run in --out", switch=True)),
-            config_cls=TrainSourceConfig, run=_run_train_source,
+            config_cls=TrainSourceConfig, run=run_train_source,
         ),
         Command(
             "adapt", "source-free adaptation with a recipe (STvM, DiGA-SF, DUDA, UniSFDA, SFDA-Liu, baselines)",
@@ -180,7 +152,7 @@ COMMANDS: dict[str, Command] = {
                    Flag(("--out",), "train.out", "run folder", metavar="DIR"),
                    Flag(("--device",), "train.device", "auto | cpu | cuda | cuda:N"),
                    Flag(("--resume",), "train.resume", "continue the run in --out", switch=True)),
-            config_cls=DistillConfig, run=_run_distill,
+            config_cls=DistillConfig, run=run_distill,
         ),
         Command(
             "evaluate", "mIoU (19/16/13-class protocols), per-class IoU and pixel accuracy of a checkpoint",
@@ -195,7 +167,7 @@ COMMANDS: dict[str, Command] = {
                    Flag(("--protocol",), "eval.protocol", "19 | 16 | 13 (Cityscapes trainId subsets)", metavar="N"),
                    Flag(("--json",), "json", "write the metrics as JSON here", metavar="FILE"),
                    Flag(("--device",), "device", "auto | cpu | cuda | cuda:N")),
-            config_cls=EvaluateConfig, run=_run_evaluate,
+            config_cls=EvaluateConfig, run=_no_result(run_evaluate),
         ),
         Command(
             "predict", "class-index PNGs, colour masks and overlays for a folder of images",
@@ -215,7 +187,7 @@ COMMANDS: dict[str, Command] = {
                    Flag(("--mode",), "mode", "auto | whole | slide (auto: slide above slide_above pixels)"),
                    Flag(("--confidence",), "confidence", "also write confidence maps", switch=True),
                    Flag(("--entropy",), "entropy", "also write entropy maps", switch=True)),
-            config_cls=PredictConfig, run=_run_predict,
+            config_cls=PredictConfig, run=run_predict,
         ),
         Command(
             "export", "ONNX export, checked against PyTorch with onnxruntime",
@@ -228,7 +200,7 @@ COMMANDS: dict[str, Command] = {
                    Flag(("--size",), "size", "input size traced and checked (the size of a fixed-size graph)",
                         metavar="[H,W]"),
                    Flag(("--opset",), "opset", "ONNX opset (>= 17)", metavar="N")),
-            config_cls=ExportConfig, run=_run_export,
+            config_cls=ExportConfig, run=run_export,
         ),
         Command(
             "bench", "many recipes x seeds on one benchmark, one table",
@@ -309,15 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd = COMMANDS[ns.command]
     prog = f"sfdaseg {cmd.name}"
-    if cmd.run is None:
-        print(f"{prog}: not available in this version yet (its implementation is tracked in issue "
-              f"{cmd.pending_issue}); see `sfdaseg --help` for the commands that are.", file=sys.stderr)
-        return 2
-    from sfdaseg.data.datasets import DatasetError
-    from sfdaseg.engine.checkpoint import CheckpointError
-    from sfdaseg.engine.trainer import NonFiniteLossError
-    from sfdaseg.models import WeightsError
-
+    setup_logging()
     try:
         for o in ns.overrides:
             parse_override(o)  # a stray word gets "expected key=value" before any work starts

@@ -1,290 +1,30 @@
-"""Typed configs: dataclasses, YAML files, ``key=value`` overrides, validation and the resolved dump.
+"""The configs of the commands: one typed dataclass per command, built from shared sections.
 
-A config is a dataclass of sections (themselves dataclasses of plain fields). Loading goes
-``defaults -> YAML file -> command-line shortcut flags -> key=value overrides``; every key is checked against the
-dataclass fields, every value against the field's type and choices, and errors name the key, where it came from
-(the file, or "command line") and what is accepted, with a close-match suggestion for typos.
-
-Only plain types appear in configs (bool, int, float, str, None, lists/tuples of those, string-keyed dicts), so a
-resolved config is YAML- and checkpoint-safe (``torch.load(weights_only=True)`` can read it back).
+The generic machinery (YAML + ``key=value`` layers, type checks, choices, loader-side validation) is the leaf
+module :mod:`sfdaseg.config_base`; its names are re-exported here for the code above this layer. Every section's
+``validate()`` is called by the loader (:func:`load_config`), once, innermost first; a command config's own
+``validate()`` checks what spans sections (the recipe's ``method:`` section against the recipe's config class).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, get_args, get_origin
+from typing import Any, Sequence
 
-import yaml
+from sfdaseg.config_base import (ConfigError, choices, from_dict, load_config, load_yaml, merge, nest,
+                                 parse_override, positive, suggest, to_dict, to_yaml, validate_tree)
+from sfdaseg.data.classes import PROTOCOLS
+from sfdaseg.data.datasets import parse_dataset_spec
+from sfdaseg.methods import RECIPES, get_recipe
+from sfdaseg.models import MODELS, model_options
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key, its source and what is accepted."""
-
-
-def choices(*values: Any, default: Any = MISSING, help: str = "") -> Any:
-    """A field restricted to ``values`` (checked on load)."""
-    kw = {} if default is MISSING else {"default": default}
-    return field(metadata={"choices": tuple(values), "help": help}, **kw)
-
-
-def _suggest(key: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.6)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        inner = _type_name(args[0]) if args else "any"
-        return f"list of {inner}"
-    if origin is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against type ``tp`` and return it in canonical form; raise ConfigError otherwise."""
-    origin = get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}) in {source}")
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise bad
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        opts = [str(a) for a in get_args(tp)]
-        raise ConfigError(
-            f"{key}: {value!r} is not one of {', '.join(opts)} (in {source}).{_suggest(str(value), opts)}"
-        )
-    if origin in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise bad
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        if origin is tuple and args and Ellipsis not in get_args(tp) and len(args) != len(value):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r}) in {source}")
-        if origin is tuple and len(args) > 1 and Ellipsis not in get_args(tp):
-            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        out = [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise bad
-        return {str(k): v for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise bad
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "defaults", prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
-    data = dict(data or {})
-    hints = _hints(cls)
-    names = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in names:
-            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(
-                f"unknown key '{prefix}{key}' in {source}; accepted keys of {where}: {', '.join(names)}."
-                f"{_suggest(key, names)}"
-            )
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        value = data[f.name]
-        full = f"{prefix}{f.name}"
-        if is_dataclass(tp):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{full}: expected a mapping (a section), got {value!r} in {source}")
-            kwargs[f.name] = from_dict(tp, value, source=source, prefix=f"{full}.")
-        else:
-            value = _coerce(value, tp, full, source)
-            opts = f.metadata.get("choices")
-            if opts is not None and value not in opts:
-                raise ConfigError(
-                    f"{full}: {value!r} is not one of {', '.join(map(str, opts))} (in {source})."
-                    f"{_suggest(str(value), [str(o) for o in opts])}"
-                )
-            kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain nested dict (lists instead of tuples), safe for YAML and weights-only checkpoints."""
-
-    def plain(v: Any) -> Any:
-        if is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
-
-
-def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: ``update`` wins; sections merge key by key."""
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge(dict(out[k]), v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)``; the value is parsed as YAML (so ``[1, 2]``, ``null``, ``true``)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value, e.g. optim.lr=1e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    # YAML reads "1e-4" as a string (YAML 1.1 needs a dot); accept it as the number users mean.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
-        except ValueError:
-            pass
-    return key, value
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
-        d = out
-        for p in parts[:-1]:
-            nxt = d.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override '{key}': '{p}' is a value, not a section")
-            d = nxt
-        d[parts[-1]] = value
-    return out
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    return data
-
-
-def load_config(
-    cls: type[T],
-    *,
-    file: str | Path | None = None,
-    flags: Mapping[str, Any] | None = None,
-    overrides: Sequence[str] = (),
-) -> T:
-    """Defaults, then ``file``, then shortcut ``flags`` (dotted keys), then ``key=value`` overrides; validated.
-
-    Each layer is checked on its own so an error names the layer it came from.
-    """
-    data: dict[str, Any] = {}
-    if file is not None:
-        layer = load_yaml(file)
-        from_dict(cls, layer, source=str(file))  # checks keys and types, naming the file
-        data = merge(data, layer)
-    if flags:
-        layer = nest({k: v for k, v in flags.items() if v is not None})
-        from_dict(cls, layer, source="command-line flags")
-        data = merge(data, layer)
-    if overrides:
-        layer = nest(dict(parse_override(o) for o in overrides))
-        from_dict(cls, layer, source="command-line overrides")
-        data = merge(data, layer)
-    cfg = from_dict(cls, data, source=str(file) if file else "command line")
-    validate = getattr(cfg, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as e:
-            where = f" (config: {file})" if file else ""
-            raise ConfigError(f"{e}{where}") from None
-    return cfg
-
-
-def dump_yaml(cfg: Any, path: str | Path, *, header: str | None = None) -> None:
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    if header:
-        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    Path(path).write_text(text)
-
-
-def replace(cfg: T, **changes: Any) -> T:
-    return dataclasses.replace(cfg, **changes)
+__all__ = [
+    "AdaptConfig", "AdaptDataConfig", "BenchConfig", "ConfigError", "DataConfig", "DemoConfig", "DistillConfig",
+    "EvalConfig", "EvaluateConfig", "ExportConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
+    "PipelineConfig", "PredictConfig", "TrainConfig", "TrainSourceConfig", "choices", "from_dict",
+    "load_config", "load_yaml", "merge", "nest", "parse_override", "to_dict", "to_yaml", "validate_tree",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,24 +39,20 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model builder
 
     def validate(self, prefix: str = "model") -> None:
-        from sfdaseg.models import MODELS
-
         if self.name not in MODELS:
             raise ConfigError(
                 f"{prefix}.name: unknown model '{self.name}'; choices: {', '.join(MODELS)}."
-                f"{_suggest(self.name, list(MODELS))}"
+                f"{suggest(self.name, list(MODELS))}"
             )
         if self.weights is not None and not Path(self.weights).exists():
             raise ConfigError(f"{prefix}.weights: no such file or folder: {self.weights}")
-        from sfdaseg.models import model_options
-
         accepted = model_options(self.name)
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
             raise ConfigError(
                 f"{prefix}.options: model '{self.name}' has no option(s) {', '.join(unknown)}; its options: "
                 + ", ".join(f"{k} (default {v!r})" for k, v in accepted.items())
-                + _suggest(unknown[0], list(accepted))
+                + suggest(unknown[0], list(accepted))
             )
 
 
@@ -338,8 +74,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_dataset_specs("data", train=self.train, val=self.val)
-        _positive("data.batch_size", self.batch_size)
-        _positive("data.val_batch_size", self.val_batch_size)
+        positive("data.batch_size", self.batch_size)
+        positive("data.val_batch_size", self.val_batch_size)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
         lo, hi = self.scale_range
@@ -368,7 +104,7 @@ class OptimConfig:
     fused: bool = False  # fused optimizer kernels (CUDA only)
 
     def validate(self) -> None:
-        _positive("optim.lr", self.lr)
+        positive("optim.lr", self.lr)
         if self.weight_decay < 0 or self.warmup_iters < 0 or self.poly_power < 0:
             raise ConfigError("optim.weight_decay, optim.warmup_iters and optim.poly_power must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -397,9 +133,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.iters <= 0:
             raise ConfigError(f"train.iters: expected a positive number of iterations, got {self.iters}")
-        _positive("train.accumulate", self.accumulate)
-        _positive("train.log_every", self.log_every)
-        _positive("train.ckpt_every", self.ckpt_every)
+        positive("train.accumulate", self.accumulate)
+        positive("train.log_every", self.log_every)
+        positive("train.ckpt_every", self.ckpt_every)
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every: expected >= 0, got {self.eval_every}")
 
@@ -415,8 +151,6 @@ class EvalConfig:
     amp: str = choices("fp32", "bf16", "fp16", default="fp32")
 
     def validate(self) -> None:
-        from sfdaseg.data.classes import PROTOCOLS
-
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ConfigError(f"eval.protocol: expected one of {', '.join(map(str, PROTOCOLS))} or null, got {self.protocol}")
         if self.mode == "slide" and (self.crop is None or self.stride is None):
@@ -427,33 +161,12 @@ class EvalConfig:
 
 def _check_dataset_specs(prefix: str, **specs: str | None) -> None:
     """Each ``KIND:ROOT[:SPLIT]`` parses (the kind is known); errors name the key."""
-    from sfdaseg.data.datasets import parse_dataset_spec
-
     for key, spec in specs.items():
         if spec is not None:
             try:
                 parse_dataset_spec(spec)
             except ValueError as e:
                 raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: {e}") from None
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}: expected a positive value, got {value}")
-
-
-def validate_sections(cfg: Any) -> None:
-    """Call ``validate()`` of every section that has one."""
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        fn = getattr(v, "validate", None)
-        if is_dataclass(v) and fn is not None:
-            try:
-                fn()
-            except ConfigError:
-                raise
-            except ValueError as e:
-                raise ConfigError(f"{f.name}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -470,9 +183,6 @@ class TrainSourceConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self) -> None:
-        validate_sections(self)
 
 
 @dataclass
@@ -497,8 +207,7 @@ class EvaluateConfig:
         if not Path(self.checkpoint).is_file():
             raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
         _check_dataset_specs("", data=self.data)
-        _positive("batch_size", self.batch_size)
-        self.eval.validate()
+        positive("batch_size", self.batch_size)
 
 
 @dataclass
@@ -531,8 +240,6 @@ class PredictConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from sfdaseg.data.classes import PROTOCOLS
-
         if not self.checkpoint:
             raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH): a checkpoint or an ONNX file")
         if not Path(self.checkpoint).expanduser().is_file():
@@ -541,8 +248,8 @@ class PredictConfig:
             raise ConfigError("images: required (--images DIR or images=DIR): a folder of images")
         if not Path(self.images).expanduser().exists():
             raise ConfigError(f"images: no such folder or file: {self.images}")
-        _positive("batch_size", self.batch_size)
-        _positive("slide_above", self.slide_above)
+        positive("batch_size", self.batch_size)
+        positive("slide_above", self.slide_above)
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: expected >= 0, got {self.num_workers}")
         if min(self.crop) <= 0:
@@ -584,7 +291,7 @@ class ExportConfig:
             raise ConfigError(f"size: expected (H, W) of at least 8 pixels each, got {list(self.size)}")
         if self.opset < 17:
             raise ConfigError(f"opset: expected 17 or newer, got {self.opset}")
-        _positive("tolerance", self.tolerance)
+        positive("tolerance", self.tolerance)
 
 
 @dataclass
@@ -620,16 +327,12 @@ class BenchConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        from sfdaseg.methods import RECIPES
-
-        _positive("seeds", self.seeds)
-        _positive("adapt_iters", self.adapt_iters)
+        positive("seeds", self.seeds)
+        positive("adapt_iters", self.adapt_iters)
         if self.ablation_seeds < 0 or self.snapshots < 0:
             raise ConfigError("ablation_seeds and snapshots: expected >= 0")
         for r in self.recipes:
-            if r not in RECIPES:
-                raise ConfigError(f"recipes: unknown recipe '{r}'; choices: {', '.join(RECIPES)}."
-                                  f"{_suggest(r, list(RECIPES))}")
+            get_recipe(r, key="recipes")
         for name, spec in self.variants.items():
             if not spec or spec[0] not in RECIPES:
                 raise ConfigError(f"variants.{name}: expected [recipe, overrides...] with a recipe among "
@@ -661,14 +364,10 @@ class DemoConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        from sfdaseg.methods import RECIPES
-
-        _positive("iters", self.iters)
-        _positive("adapt_iters", self.adapt_iters)
-        _positive("batch_size", self.batch_size)
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"recipe: unknown recipe '{self.recipe}'; choices: {', '.join(RECIPES)}."
-                              f"{_suggest(self.recipe, list(RECIPES))}")
+        positive("iters", self.iters)
+        positive("adapt_iters", self.adapt_iters)
+        positive("batch_size", self.batch_size)
+        get_recipe(self.recipe)
 
 
 @dataclass
@@ -691,7 +390,7 @@ class AdaptDataConfig:
     def validate(self) -> None:
         _check_dataset_specs("data", target=self.target, val=self.val,
                              **{f"val_extra[{i}]": s for i, s in enumerate(self.val_extra)})
-        _positive("data.batch_size", self.batch_size)
+        positive("data.batch_size", self.batch_size)
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ConfigError(f"data.scale_range: expected 0 < min <= max, got {list(self.scale_range)}")
@@ -711,9 +410,9 @@ class MonitorConfig:
     def validate(self) -> None:
         if self.every < -1:
             raise ConfigError(f"monitor.every: expected >= -1, got {self.every}")
-        _positive("monitor.images", self.images)
-        _positive("monitor.batch_size", self.batch_size)
-        _positive("monitor.snd_pixels", self.snd_pixels)
+        positive("monitor.images", self.images)
+        positive("monitor.batch_size", self.batch_size)
+        positive("monitor.snd_pixels", self.snd_pixels)
         if not 0 < self.tau <= 1:
             raise ConfigError(f"monitor.tau: expected a probability in (0, 1], got {self.tau}")
 
@@ -789,7 +488,7 @@ class PipelineConfig:
         if self.ensemble.mc_passes < 0:
             raise ConfigError(f"stages.ensemble.mc_passes: expected >= 0, got {self.ensemble.mc_passes}")
         if self.ensemble.batch_size is not None:
-            _positive("stages.ensemble.batch_size", self.ensemble.batch_size)
+            positive("stages.ensemble.batch_size", self.ensemble.batch_size)
 
 
 @dataclass
@@ -811,35 +510,24 @@ class AdaptConfig:
     report: bool = True  # RUN/report.md + report.html: curves, signals, before/after, example predictions
 
     def validate(self) -> None:
-        from sfdaseg.methods import RECIPES
-
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"recipe: unknown recipe '{self.recipe}'; choices: {', '.join(RECIPES)}."
-                              f"{_suggest(self.recipe, list(RECIPES))}")
+        get_recipe(self.recipe)
         if not self.checkpoint:
             raise ConfigError("checkpoint: required (--checkpoint PATH or checkpoint=PATH): the source model")
         if not Path(self.checkpoint).is_file():
             raise ConfigError(f"checkpoint: no such file: {self.checkpoint}")
-        from_dict(RECIPES[self.recipe].config_cls, self.method, source="the config", prefix="method.")
+        self.method_config()
         if self.stages:
             if self.recipe != "unisfda":
                 raise ConfigError(f"stages: a multi-stage run uses recipe unisfda, got recipe={self.recipe!r}")
             self.pipeline_config()
-        validate_sections(self)
 
     def method_config(self) -> Any:
-        from sfdaseg.methods import RECIPES
-
-        cfg = from_dict(RECIPES[self.recipe].config_cls, self.method, source="the config", prefix="method.")
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-        return cfg
+        """The typed ``method:`` section of the recipe (built and validated by the loader)."""
+        return from_dict(get_recipe(self.recipe).config_cls, self.method, source="the config", prefix="method.")
 
     def pipeline_config(self) -> PipelineConfig:
         """The typed, validated ``stages`` section."""
-        cfg = from_dict(PipelineConfig, self.stages, source="the config", prefix="stages.")
-        cfg.validate()
-        return cfg
+        return from_dict(PipelineConfig, self.stages, source="the config", prefix="stages.")
 
 
 @dataclass
@@ -865,8 +553,6 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        from sfdaseg.models import MODELS
-
         if not self.teachers:
             raise ConfigError("teachers: required (--teachers CKPT[,CKPT] or teachers=[...]): adapted checkpoints")
         for i, t in enumerate(self.teachers):
@@ -876,11 +562,10 @@ class DistillConfig:
             raise ConfigError("model: required (--model NAME), unless --student-checkpoint gives the student")
         if self.model is not None and self.model not in MODELS:
             raise ConfigError(f"model: unknown model '{self.model}'; choices: {', '.join(MODELS)}."
-                              f"{_suggest(self.model, list(MODELS))}")
+                              f"{suggest(self.model, list(MODELS))}")
         if self.student_checkpoint and not Path(self.student_checkpoint).is_file():
             raise ConfigError(f"student_checkpoint: no such file: {self.student_checkpoint}")
-        _positive("temperature", self.temperature)
+        positive("temperature", self.temperature)
         if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
             raise ConfigError(f"kd_weight, ce_weight: expected >= 0 and not both 0, got {self.kd_weight}, "
                               f"{self.ce_weight}")
-        validate_sections(self)

@@ -14,7 +14,7 @@ Every function runs on the device without host syncs (no ``.item()``, no data-de
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from sfdaseg.augment import photometric_augment
 from sfdaseg.data.classes import IGNORE_INDEX, ClassSpec
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.checkpoint import CheckpointError, load_model, peek_checkpoint_info
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy
+from sfdaseg.models import build_model, load_model
+from sfdaseg.storage import CheckpointError, peek_checkpoint_info
+from sfdaseg.task import StepOutput, TaskBase, WrapFn
 
 __all__ = [
     "DEFAULT_STUDENT",
@@ -224,8 +225,6 @@ def build_student(name: str | None, *, classes: ClassSpec, checkpoint: str | Pat
     Returns:
         a ``SegmentationModel`` with ``classes.num_classes`` outputs, on the CPU.
     """
-    from sfdaseg.models import build_model
-
     if checkpoint:
         info = peek_checkpoint_info(checkpoint)
         if info is not None:
@@ -246,7 +245,7 @@ def build_student(name: str | None, *, classes: ClassSpec, checkpoint: str | Pat
 # --------------------------------------------------------------------------------------------------------------
 
 
-class DistillationTask:
+class DistillationTask(TaskBase):
     """Distil frozen teachers into one trainable student on unlabelled target images (a trainer task).
 
     Per step, on a batch ``x`` of target crops: the teachers' softmax outputs at temperature ``T`` are averaged
@@ -287,7 +286,7 @@ class DistillationTask:
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}
 
-    def wrap_trainable(self, wrap: Callable[[str, nn.Module], nn.Module]) -> None:
+    def wrap_trainable(self, wrap: WrapFn) -> None:
         self.net = wrap("student", self.student)
 
     def training_step(self, batch: dict, step: int) -> StepOutput:
@@ -311,11 +310,7 @@ class DistillationTask:
             logs["agreement"] = (s.detach().argmax(1) == label).float().mean()
         return StepOutput(loss, logs)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the teachers are frozen files, reloaded on resume; the student is saved by the trainer
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    # No task state: the teachers are frozen files, reloaded on resume; the student is saved by the trainer.
 
     def export_model(self) -> nn.Module:
         return self.student

@@ -29,8 +29,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
@@ -41,8 +39,10 @@ from PIL import Image, PngImagePlugin
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from sfdaseg.amp import AMP_DTYPES
 from sfdaseg.data.transforms import collate, to_model_input
 from sfdaseg.models.base import unwrap_model
+from sfdaseg.storage import atomic_write_bytes
 from sfdaseg.uncertainty import McDropoutResult, mc_dropout
 
 __all__ = [
@@ -55,13 +55,12 @@ __all__ = [
     "model_fingerprint",
 ]
 
-logger = logging.getLogger("sfdaseg.offline_labels")
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _FORMAT = "sfdaseg-offline-labels"
 _VERSION = 1
 _TEXT_KEY = "sfdaseg-fingerprint"
-_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
 UNCERTAINTIES = ("entropy", "mc_dropout")  # what the confidence channel may hold instead of the max probability
@@ -117,23 +116,6 @@ def _check_name(name: str) -> PurePosixPath:
             f"offline label cache: sample name {name!r} must be a relative path without '..' (it names files)"
         )
     return rel
-
-
-def _atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
 
 
 class OfflineLabelCache:
@@ -220,7 +202,7 @@ class OfflineLabelCache:
             **({"info": extra} if extra else {}),
             "entries": {k: [int(v[0]), int(v[1])] for k, v in sorted(entries.items())},
         }
-        _atomic_write_bytes(self.manifest_path, json.dumps(data, indent=1).encode("utf-8"), fsync=True)
+        atomic_write_bytes(self.manifest_path, json.dumps(data, indent=1).encode("utf-8"))
 
     def is_complete(self, names: Iterable[str]) -> bool:
         """True when this fingerprint's manifest lists every name and both files of each exist.
@@ -307,8 +289,8 @@ class OfflineLabelCache:
         if arrays[0].shape != arrays[1].shape:
             raise ValueError(f"OfflineLabelCache.put({name!r}): label {arrays[0].shape} and conf {arrays[1].shape} differ")
         # No fsync per entry (thousands of files): a torn file after a power cut fails to decode and is rebuilt.
-        _atomic_write_bytes(self.label_path(name), self._png_bytes(arrays[0]))
-        _atomic_write_bytes(self.conf_path(name), self._png_bytes(arrays[1]))
+        atomic_write_bytes(self.label_path(name), self._png_bytes(arrays[0]), durable=False)
+        atomic_write_bytes(self.conf_path(name), self._png_bytes(arrays[1]), durable=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -451,13 +433,13 @@ def build_offline_labels(
                                         or mc_passes < 1 or measure not in MEASURES):
         raise ValueError(f"build_offline_labels: mc_passes must be a positive integer and measure one of "
                          f"{', '.join(MEASURES)}, got {mc_passes!r} and {measure!r}")
-    if amp not in _AMP:
-        raise ValueError(f"build_offline_labels: amp must be one of {', '.join(_AMP)}, got {amp!r}")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"build_offline_labels: amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     scales = tuple(float(s) for s in scales)
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"build_offline_labels: scales must be positive numbers, got {scales}")
     device = torch.device(device)
-    amp_dtype = _AMP[amp]
+    amp_dtype = AMP_DTYPES[amp]
 
     entries: dict[str, tuple[int, int]] = dict(cache.read_manifest() or {})
     names = _dataset_names(dataset)
@@ -529,22 +511,10 @@ def build_offline_labels(
     cache.write_manifest(entries, extra=info)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(*, total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but the bar is not worth failing for
-        return _NoBar()
-    return tqdm(total=total, desc="offline pseudo-labels", unit="img")
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="offline pseudo-labels", unit="img", disable=not enabled)
 
 
 # --------------------------------------------------------------------------------------------------------------

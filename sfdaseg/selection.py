@@ -20,6 +20,8 @@ How well each signal ranks checkpoints against the true mIoU on the built-in ben
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -30,6 +32,8 @@ import torch.nn.functional as F
 
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.losses import resize_logits
+
+logger = logging.getLogger(__name__)
 
 SIGNALS = ("entropy", "kept_frac", "hist_drift", "snd", "classes_present")
 # Which direction of each signal the literature reads as "better" (+1: higher is better). Entropy and drift are
@@ -186,11 +190,11 @@ class TargetMonitor:
 
     def __init__(self, images: list[torch.Tensor], *, source_model: nn.Module, num_classes: int,
                  class_names: list[str] | None, tau: float, snd_pixels: int, batch_size: int,
-                 device: torch.device, run_dir=None, save_snapshot=None, log=print) -> None:
+                 device: torch.device, run_dir=None, save_snapshot=None) -> None:
         """``images``: uint8 (3, H, W) target images (sizes may differ; equal sizes are batched)."""
         self.images, self.num_classes, self.class_names = images, num_classes, class_names
         self.tau, self.snd_pixels, self.batch_size, self.device = tau, snd_pixels, batch_size, device
-        self.run_dir, self.save_snapshot, self.log = run_dir, save_snapshot, log
+        self.run_dir, self.save_snapshot = run_dir, save_snapshot
         self.alarm = CollapseAlarm()
         self.reference = self.measure(source_model)
 
@@ -210,14 +214,12 @@ class TargetMonitor:
                                   tau=self.tau, snd_pixels=self.snd_pixels, generator=gen, device=self.device)
 
     def __call__(self, model: nn.Module, step: int) -> dict:
-        import json
-
         ref_hist = torch.tensor(self.reference["hist"], dtype=torch.float64)
         sig = self.reference if step == 0 else self.measure(model, source_hist=ref_hist)
         sig = {**sig, "hist_drift": class_hist_drift(torch.tensor(sig["hist"]), ref_hist)}
         warnings = self.alarm.check(sig, self.reference, self.class_names) if step > 0 else []
         for w in warnings:
-            self.log(f"warning: step {step}: {w}")
+            logger.warning(f"step {step}: {w}")
         record = {"step": step, **sig, "alarms": warnings}
         if self.run_dir is not None:
             if self.save_snapshot is not None and step > 0:

@@ -40,7 +40,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from sfdaseg.config import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices
 
 __all__ = [
     "STYLE_KINDS",

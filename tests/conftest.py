@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _logging():
+    """Library messages reach stderr in tests as they do under the CLI (which configures logging once)."""
+    from sfdaseg.log import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture
 def cli_env():
     """Environment for running ``python -m sfdaseg`` in a subprocess from the source tree."""

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sfdaseg.config import AdaptConfig, load_config
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.methods import RECIPES
 from sfdaseg.models import build_model
 from sfdaseg.runs.adapt import run_adapt

@@ -25,12 +25,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import get_worker_info
 
-import sfdaseg.engine.checkpoint as checkpoint_mod
+import sfdaseg.storage as checkpoint_mod
 from sfdaseg.cli import main
 from sfdaseg.config import TrainSourceConfig, load_config
 from sfdaseg.data.classes import CITYSCAPES19, ClassSpec
 from sfdaseg.data.datasets import build_dataset
-from sfdaseg.engine.checkpoint import load_model, safe_load, save_model
+from sfdaseg.models import load_model, save_model
+from sfdaseg.storage import safe_load
 from sfdaseg.methods.source import SupervisedSegmentation
 from sfdaseg.models import build_model
 from sfdaseg.offline_labels import (
@@ -440,7 +441,7 @@ def _check_adapted(tmp, world):
 
 
 class _FullDisk:
-    """Stands in for ``os`` in sfdaseg.engine.checkpoint: the ``n``-th file written fills the disk half-way."""
+    """Stands in for ``os`` in sfdaseg.storage: the ``n``-th file written atomically fills the disk half-way."""
 
     def __init__(self, n: int) -> None:
         self.n, self.calls = n, 0
@@ -478,7 +479,7 @@ class _FillingFile:
 
 
 def _disk_full(tmp, world, mp):
-    mp.setattr(checkpoint_mod, "os", _FullDisk(n=2))  # the 2nd checkpoint (state.pt at step 4) fails
+    mp.setattr(checkpoint_mod, "os", _FullDisk(n=3))  # after config.yaml and state.pt at step 2: state.pt at step 4 fails
     return train_args(tmp, "train.ckpt_every=2") + ["--iters", "6"]
 
 
@@ -614,7 +615,7 @@ def small_cfg(tmp_path, name, *extra):
 def test_disk_full_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
     full = run_train_source(small_cfg(tmp_path, "full"))
 
-    monkeypatch.setattr(checkpoint_mod, "os", _FullDisk(n=2))
+    monkeypatch.setattr(checkpoint_mod, "os", _FullDisk(n=3))  # config.yaml, state.pt at step 2, then state.pt at step 4 fails
     with pytest.raises(OSError) as err:
         run_train_source(small_cfg(tmp_path, "cut"))
     state = tmp_path / "cut" / "state.pt"

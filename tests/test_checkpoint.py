@@ -11,17 +11,9 @@ import pytest
 import torch
 
 from sfdaseg.data.classes import ClassSpec
-from sfdaseg.engine import checkpoint as ckpt
-from sfdaseg.engine.checkpoint import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    atomic_save,
-    load_model,
-    load_state_dict_file,
-    read_checkpoint_info,
-    safe_load,
-    save_model,
-)
+from sfdaseg import storage as ckpt
+from sfdaseg.models import load_model, save_model
+from sfdaseg.storage import CheckpointError, CheckpointNotFoundError, atomic_save, load_state_dict_file, read_checkpoint_info, safe_load
 from sfdaseg.models import CAFFE, WeightsError, build_model
 
 CLASSES = ClassSpec(names=("road", "car", "sky"), palette=((1, 2, 3), (4, 5, 6), (7, 8, 9)))

@@ -31,9 +31,9 @@ def test_each_command_has_help_with_examples(name, capsys):
 
 def test_no_command_is_pending(capsys):
     # Every command of the design is implemented (distill landed with issue 5).
-    assert [n for n, c in COMMANDS.items() if c.run is None or c.pending_issue is not None] == []
+    assert [n for n, c in COMMANDS.items() if c.run is None] == []
     for name in ("predict", "export"):  # implemented: they run (here they stop at the missing checkpoint)
-        assert COMMANDS[name].run is not None and COMMANDS[name].pending_issue is None
+        assert COMMANDS[name].run is not None
         assert main([name, "--checkpoint", "missing.ckpt"]) == 2
         assert "checkpoint: no such file: missing.ckpt" in capsys.readouterr().err
 

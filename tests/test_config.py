@@ -76,10 +76,10 @@ def test_override_parsing():
 
 
 def test_resolved_dump_round_trips(tmp_path):
-    from sfdaseg.config import dump_yaml
+    from sfdaseg.config_base import to_yaml
 
     cfg = load_config(TrainSourceConfig, overrides=["optim.lr=0.05", "data.crop=[64,64]"])
-    dump_yaml(cfg, tmp_path / "r.yaml", header="sfdaseg train-source")
+    (tmp_path / "r.yaml").write_text(to_yaml(cfg, header="sfdaseg train-source"))
     again = load_config(TrainSourceConfig, file=tmp_path / "r.yaml")
     assert to_dict(again) == to_dict(cfg)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from sfdaseg.config import EvaluateConfig, load_config
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.engine.checkpoint import save_model
+from sfdaseg.models import save_model
 from sfdaseg.evaluation.cost import format_cost, model_cost
 from sfdaseg.models import build_model
 from sfdaseg.runs.evaluate import run_evaluate

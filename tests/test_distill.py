@@ -10,7 +10,8 @@ from sfdaseg.cli import COMMANDS, main
 from sfdaseg.data.classes import CITYSCAPES19, ClassSpec
 from sfdaseg.distill import (DistillationTask, average_teacher_probs, build_student, kd_loss, load_teachers,
                              teacher_logits)
-from sfdaseg.engine.checkpoint import CheckpointError, load_model, save_model
+from sfdaseg.models import load_model, save_model
+from sfdaseg.storage import CheckpointError
 from sfdaseg.models import build_model
 
 COMMON = ["data.synthetic={size: [32, 64], length: 8}", "data.crop=[32,64]", "data.batch_size=2",

@@ -10,7 +10,8 @@ import torch
 from sfdaseg.config import AdaptConfig, ConfigError, load_config
 from sfdaseg.data.classes import CITYSCAPES19, ClassSpec
 from sfdaseg.distill import ramp
-from sfdaseg.engine.checkpoint import CheckpointError, load_model, save_model
+from sfdaseg.models import load_model, save_model
+from sfdaseg.storage import CheckpointError
 from sfdaseg.methods import RECIPES
 from sfdaseg.methods.duda import inconsistency_class_weights
 from sfdaseg.models import build_model

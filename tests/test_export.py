@@ -16,7 +16,7 @@ from torch import nn
 from sfdaseg.cli import main
 from sfdaseg.config import ConfigError, ExportConfig, PredictConfig, load_config
 from sfdaseg.data.classes import ClassSpec
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.models import MODELS, SegmentationModel, build_model
 from sfdaseg.runs import export as export_mod
 from sfdaseg.runs.export import ExportError, LogitsAtInputSize, OnnxSegmenter, onnx_session, run_export

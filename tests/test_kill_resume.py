@@ -26,7 +26,8 @@ from PIL import Image
 
 from sfdaseg.cli import main
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.engine.checkpoint import load_model, safe_load, save_model
+from sfdaseg.models import load_model, save_model
+from sfdaseg.storage import safe_load
 from sfdaseg.models import build_model
 
 ITERS = 30

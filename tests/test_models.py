@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sfdaseg.data.classes import ClassSpec
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.models import CAFFE, IMAGENET, MODELS, Normalization, SegmentationModel, WeightsError, build_model
 from sfdaseg.models.segformer import VARIANTS
 

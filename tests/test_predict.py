@@ -14,7 +14,7 @@ from sfdaseg.config import ConfigError, PredictConfig, load_config
 from sfdaseg.data.classes import (CITYSCAPES19, CITYSCAPES_NAMES, CITYSCAPES_PALETTE, PROTOCOLS, ClassSpec,
                                   default_palette)
 from sfdaseg.data.datasets import DatasetError, DatasetWarning
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.evaluation import predict_logits
 from sfdaseg.models import build_model
 from sfdaseg.runs.predict import id_table, list_images, prediction_classes, run_predict

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from sfdaseg.config import AdaptConfig, load_config
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.models import build_model
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.selection import (CollapseAlarm, class_hist_drift, prediction_signals, soft_neighborhood_density,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sfdaseg.config import AdaptConfig, ConfigError, load_config
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.methods import RECIPES
 from sfdaseg.methods.common import AdaptContext
 from sfdaseg.methods.sfda_liu import (BNStatisticsLoss, Generator, PatchDiscriminator, SFDALiuConfig, build,

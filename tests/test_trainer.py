@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sfdaseg.config import OptimConfig, TrainSourceConfig, load_config
-from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.models import load_model
 from sfdaseg.engine.trainer import NonFiniteLossError, lr_factor
 from sfdaseg.methods.source import SupervisedSegmentation
 from sfdaseg.runs.train_source import run_train_source

@@ -12,7 +12,7 @@ from PIL import Image
 from sfdaseg.cli import main
 from sfdaseg.config import AdaptConfig, ConfigError, load_config
 from sfdaseg.data.classes import CITYSCAPES19
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.models import load_model, save_model
 from sfdaseg.methods.unisfda import (EnsembleLabeller, fuse_online_offline, percentile_certain,
                                      uncertainty_weighted_fusion)
 from sfdaseg.models import build_model
@@ -123,7 +123,7 @@ def test_ensemble_labeller_weights_each_model_by_its_mc_dropout_certainty():
 def test_recipe_runs_and_caches_the_mc_dropout_certainty(tmp_path, sources):
     cfg = load_config(AdaptConfig, overrides=["recipe=unisfda", f"checkpoint={sources['a']}",
                                               f"train.out={tmp_path / 'run'}", "train.iters=3", "method.mc_passes=4",
-                                              "method.style.p=1.0", *common(tmp_path)])
+                                              "method.style_p=1.0", *common(tmp_path)])
     path = run_adapt(cfg)
     assert load_model(path)[1].name == "tiny"
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -181,7 +181,7 @@ def pipeline_overrides(tmp_path, sources, out):
     aux = (f"stages.aux=[{{name: wide, checkpoint: {sources['a']}}}, "
            f"{{name: wider, checkpoint: {sources['b']}, overrides: [train.iters=3]}}]")
     return [f"checkpoint={sources['student']}", f"train.out={out}", "train.iters=2", aux,
-            "stages.student.overrides=[train.iters=2, method.style.kind=adain, method.kd_weight=0.5]",
+            "stages.student.overrides=[train.iters=2, method.style=adain, method.kd_weight=0.5]",
             "stages.ensemble.mc_passes=4", "method.mc_passes=4",
             "method.online_mc_passes=2", *common(tmp_path)]
 
@@ -206,12 +206,12 @@ def test_pipeline_runs_every_stage_from_the_cli(tmp_path, sources, capsys):
     assert len(list(cache.glob("*.png"))) == 16  # 8 images x (label, certainty)
     stage2 = yaml.safe_load((out / "stage2" / "config.yaml").read_text())
     assert stage2["method"]["offline_cache"] == str(cache)  # stage 2 learns from the ensemble's labels
-    assert stage2["method"]["style"]["kind"] == "adain"  # the student's own override
+    assert stage2["method"]["style"] == "adain"  # the student's own override
     # kd_weight > 0: the pipeline hands the adapted auxiliary models to stage 2 for the soft-ensemble KL.
     assert stage2["method"]["kd_teachers"] == [str(out / "stage1_wide" / "model.ckpt"),
                                                str(out / "stage1_wider" / "model.ckpt")]
     assert all("loss_kd" in json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines())
-    assert yaml.safe_load((out / "stage1_wide" / "config.yaml").read_text())["method"]["style"]["kind"] == "fourier"
+    assert yaml.safe_load((out / "stage1_wide" / "config.yaml").read_text())["method"]["style"] == "fourier"
 
 
 def test_pipeline_resumes_after_stage_one_without_retraining_it(tmp_path, sources, monkeypatch):

@@ -3,9 +3,8 @@
 ``SyntheticDataset(domain, split)`` generates each sample on the fly from an RNG seeded by
 ``(seed, domain, split, index)``: the same index always gives the same scene (in every DataLoader worker),
 different seeds give different scenes, and the train and val splits never share a scene. Default lengths:
-train 1000, val 200. A 128x256 sample costs about 1.5 ms (source) and 3-4 ms (target, shift) of CPU time on
-the 2-core development machine (vectorised numpy; median per ``dataset[i]``; the spread is the machine's load),
-so DataLoader workers keep up with any model trained on it.
+train 1000, val 200. Scenes are rendered with vectorised numpy, cheap enough for DataLoader workers to keep up
+with any model trained on them.
 
 Scene geometry is a pinhole camera over a flat street: a road with lane markings between two sidewalks (with
 kerbs), optional grass verges (terrain), rows of building facades with windows and shop fronts (or masses of
@@ -40,26 +39,8 @@ The domains, and the real gap each one imitates:
   Held out: never used for adaptation or model selection; it shows whether an adapted model overfits to the
   target domain.
 
-Measured gap. From a scratch CNN, NOT a library model (a throw-away script outside the repository): 6 conv
-layers (3x3, BN, ReLU; 32 then 48 channels, strides 2-2, dilations 1-2-4-8; output stride 4, then a 1x1
-classifier and bilinear upsampling; about 0.1 M parameters), trained from scratch with Adam (lr 1e-3) for 1500
-steps of batch 8 at 128x256 on the 1000 train scenes (seed 0 of the benchmark), random horizontal flips only,
-on one CPU thread (about 4.5 min per run); mIoU over the classes present, from one 19-class confusion matrix
-over the 200 val scenes; two training seeds:
-
-    trained on (seed 0 / seed 1)      target val     shift val     source val
-    source train (source-only)        34.0 / 34.1    10.8 / 13.9   79.1 / 76.4
-    target train (target oracle)      64.5 / 63.3    47.1 / 42.0       -
-
-so the oracle - source-only gap on target val is about 30 mIoU points (and the shift domain costs the oracle
-about 20 points). The source-only model gets road, building, vegetation and sky mostly right and poles,
-lights, signs, fences and terrain mostly wrong; cars get 21 / 38 IoU and persons 20 / 20. Colour jitter in source
-training (per-image brightness/contrast +-30 %, per-channel gain +-15 %) lifts source-only to 45.0 (seed 0):
-photometric augmentation closes part of the gap, and about 19 points remain. Ablations of the target
-domain under the seed-0 source-only model (evaluation only, 100 val scenes, full target 33.2) put most of the
-gap in colour and lighting: source colours instead of the target's give 48.3, no cast shadows 39.1 (cars 20
--> 49 IoU), no colour cast 36.2, no texture, blur or noise 35.6; the target geometry alone, rendered in the
-source look, gives 68.1 against 79.1 on source val.
+How large the gap is, and which parts of the domain shift make it, is measured in
+``benchmarks/results/synthetic_gap.md``.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Training engine: the training loop, checkpoints, distributed helpers and run folders."""
+"""Training engine: the one training loop, its hooks, distributed helpers and run folders."""

@@ -67,20 +67,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank (e.g. a decision to stop)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def sample_seed(seed: int, position: int) -> int:
     """A 63-bit seed for the sample at ``position`` of the global stream (splitmix64 mixing)."""
     z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from sfdaseg.config import ConfigError, dump_yaml
+from sfdaseg.config_base import ConfigError, to_yaml
+from sfdaseg.storage import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
-# What atomic writes leave behind when the process is killed between creating and renaming the temporary file:
-# ``.NAME.XXXXXXXX.tmp`` (sfdaseg.engine.checkpoint) and ``config.yaml.tmp`` (below).
-_LEFTOVER_TMP = re.compile(r"^\..+\.tmp$|^" + re.escape(CONFIG_FILE) + r"\.tmp$")
+# What an atomic write (sfdaseg.storage) leaves behind when the process is killed between creating and renaming
+# its temporary file: ``.NAME.XXXXXXXX.tmp``.
+_LEFTOVER_TMP = re.compile(r"^\..+\.tmp$")
 
 
 def check_run_dir(out: str | Path, *, resume: bool) -> Path:
@@ -52,10 +52,9 @@ def prepare_run_dir(out: str | Path, *, cfg: Any, resume: bool, command: str, is
             for leftover in out.iterdir():
                 if leftover.is_file() and _LEFTOVER_TMP.match(leftover.name):
                     leftover.unlink()
-        tmp = out / (CONFIG_FILE + ".tmp")
-        dump_yaml(cfg, tmp, header=f"sfdaseg {command}\nresolved config of this run; rerun with: "
-                                   f"sfdaseg {command} --config {out / CONFIG_FILE}")
-        os.replace(tmp, out / CONFIG_FILE)
+        atomic_write_text(out / CONFIG_FILE, to_yaml(cfg, header=f"sfdaseg {command}\nresolved config of this run; "
+                                                             f"rerun with: sfdaseg {command} --config "
+                                                             f"{out / CONFIG_FILE}"))
     return out
 
 
@@ -78,6 +77,4 @@ def trim_metrics(path: str | Path, step: int) -> None:
         record_step = record.get("step") if isinstance(record, dict) else None
         if step > 0 and isinstance(record_step, int) and record_step <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")  # a leftover of a kill right here is removed by the next resume
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))  # a leftover of a kill right here is removed by the next resume

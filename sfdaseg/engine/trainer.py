@@ -1,64 +1,41 @@
 """The one training loop of sfdaseg.
 
-Source training and every adaptation recipe run through :class:`Trainer`. A *task* computes a loss; the trainer
-owns everything else: the data stream, backward, AMP, gradient accumulation and clipping, the optimizer and LR
-schedule, DDP, checkpoints, resume, non-finite-loss handling and logs. AMP and DDP are switches, not subclasses.
-
-A task is any object with:
-
-- ``trainable_modules() -> dict[str, nn.Module]``: the modules the optimizer updates (raw, unwrapped);
-- ``wrap_trainable(wrap)``: called once; ``wrap(name, module)`` returns the module to call in the step (a DDP
-  wrapper under ``torchrun``, a compiled module, or the module itself). The task calls what it got back;
-- ``training_step(batch, step) -> StepOutput``: the loss (a scalar tensor) and detached logs; it never calls
-  ``backward`` or steps an optimizer;
-- ``export_model() -> SegmentationModel``: the model the run delivers (the student, an EMA teacher, ...);
-
-and optionally ``after_optimizer_step(step)`` (e.g. the EMA update), ``state_dict()`` / ``load_state_dict()`` for
-non-trainable state that must survive a resume (teachers, prototypes), and ``param_groups()`` to override the
-default per-module groups.
+Source training and every adaptation recipe run through :class:`Trainer`. A *task* (:class:`sfdaseg.task.Task`)
+computes a loss; the trainer owns everything else: the data stream, backward, AMP, gradient accumulation and
+clipping, the optimizer and LR schedule, DDP, checkpoints, resume, non-finite-loss handling and the metrics log.
+AMP and DDP are switches, not subclasses. Validation, the label-free monitor, TensorBoard, the progress bar and
+benchmark timers are hooks (:mod:`sfdaseg.engine.hooks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
-import sys
+import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from sfdaseg.amp import AMP_DTYPES
 from sfdaseg.config import ConfigError, OptimConfig, TrainConfig
-from sfdaseg.engine.checkpoint import CheckpointError, atomic_save, safe_load
 from sfdaseg.engine.distributed import DistInfo, SeededDataset, StreamSampler, barrier, sample_seed
+from sfdaseg.engine.hooks import HookBase, ProgressHook, TensorBoardHook
 from sfdaseg.engine.rundir import trim_metrics
+from sfdaseg.storage import CheckpointError, atomic_save, safe_load
+from sfdaseg.task import StepOutput, Task
 
 STATE_FILE = "state.pt"  # everything needed to resume
 MODEL_FILE = "model.ckpt"  # the deliverable: a model checkpoint in the library's format
 
-
-@dataclass
-class StepOutput:
-    """What a task's ``training_step`` returns: ``loss`` (scalar, with grad) and detached scalar ``logs``."""
-
-    loss: torch.Tensor
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def log(msg: str, *, dist_info: DistInfo | None = None) -> None:
-    """Progress messages go to stderr (stdout is kept for results, e.g. the checkpoint path)."""
-    if dist_info is None or dist_info.is_main:
-        print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -74,7 +51,9 @@ def build_param_groups(modules: Mapping[str, nn.Module], cfg: OptimConfig) -> li
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
     for mname, module in modules.items():
-        parts = module.param_groups() if hasattr(module, "param_groups") else {"all": list(module.parameters())}
+        # A SegmentationModel (and recipe modules such as a metric head) name their groups; anything else is one.
+        parts = module.param_groups() if callable(getattr(module, "param_groups", None)) else \
+            {"all": list(module.parameters())}
         for pname, params in parts.items():
             mult = (cfg.head_lr_mult if pname == "head" else 1.0) * float(getattr(module, "lr_mult", 1.0))
             decay, no_decay = [], []
@@ -118,32 +97,31 @@ class Trainer:
     """Runs ``train_cfg.iters`` optimizer steps of ``task`` on ``dataset``.
 
     Args:
-        task: see the module docstring.
+        task: a :class:`sfdaseg.task.Task`.
         dataset: map-style dataset of sample dicts (random transforms inside draw from torch's RNG).
         batch_size: per process and micro-batch; the global batch is ``batch_size * accumulate * world_size``.
-        run_dir: where ``state.pt``, ``model.ckpt``, ``metrics.jsonl`` and TensorBoard files go.
-        evaluate: optional ``fn(model) -> dict`` run on every rank (it reduces across ranks itself) every
-            ``eval_every`` steps and at the end; rank 0 logs the result.
-        monitor: optional ``fn(model, step) -> dict`` of label-free scalars, run on rank 0 only, before the
-            first step of a fresh run, every ``monitor_every`` steps (0: never in between) and at the end;
-            logged with an ``unsup/`` prefix.
+        run_dir: where ``state.pt``, ``model.ckpt`` and ``metrics.jsonl`` go (and what hooks write).
         save_model: ``fn(path, model)`` that writes the deliverable checkpoint (rank 0 only).
+        hooks: extension points (:mod:`sfdaseg.engine.hooks`), called in order after the trainer's own progress
+            bar and TensorBoard hooks.
         config: the resolved run config (a plain dict), stored in the training state.
+        checkpoints: write ``state.pt`` every ``train.ckpt_every`` steps and at the end (a benchmark turns it off).
     """
 
-    def __init__(self, task: Any, dataset: Dataset, *, train_cfg: TrainConfig, optim_cfg: OptimConfig,
+    def __init__(self, task: Task, dataset: Dataset, *, train_cfg: TrainConfig, optim_cfg: OptimConfig,
                  batch_size: int, num_workers: int, device: torch.device, dist_info: DistInfo, run_dir: Path,
-                 save_model: Callable[[Path, nn.Module], None], evaluate: Callable[[nn.Module], dict] | None = None,
-                 config: dict | None = None, collate_fn: Callable | None = None,
-                 monitor: Callable[[nn.Module, int], dict] | None = None, monitor_every: int = 0) -> None:
+                 save_model: Callable[[Path, nn.Module], None], hooks: Sequence[HookBase] = (),
+                 config: dict | None = None, collate_fn: Callable | None = None, checkpoints: bool = True) -> None:
         self.task, self.dataset, self.cfg, self.optim_cfg = task, dataset, train_cfg, optim_cfg
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device, self.dist, self.run_dir = device, dist_info, Path(run_dir)
-        self.save_model_fn, self.evaluate_fn, self.config = save_model, evaluate, config or {}
-        self.collate_fn = collate_fn
-        self.monitor_fn, self.monitor_every = monitor, monitor_every
+        self.save_model_fn, self.config, self.collate_fn = save_model, config or {}, collate_fn
+        self.checkpoints = checkpoints
+        self.hooks: list[HookBase] = [ProgressHook(), TensorBoardHook(), *hooks]
         self.step = 0
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train_cfg.amp]
+        self.last_data_wait = 0.0  # seconds the last step waited for its batch(es)
+        self.global_batch = batch_size * train_cfg.accumulate * dist_info.world_size
+        self.amp_dtype = AMP_DTYPES[train_cfg.amp]
         self.modules = dict(task.trainable_modules())
         for m in self.modules.values():
             m.to(device)
@@ -151,15 +129,19 @@ class Trainer:
                 m.to(memory_format=torch.channels_last)
         if dist_info.distributed and train_cfg.sync_bn:
             self.modules = {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in self.modules.items()}
-        groups = task.param_groups() if hasattr(task, "param_groups") else build_param_groups(self.modules, optim_cfg)
+        groups = task.param_groups() or build_param_groups(self.modules, optim_cfg)
         self.optimizer = build_optimizer(groups, optim_cfg, device)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # fp16 needs loss scaling; bf16 and fp32 do not (GradScaler(enabled=False) is a no-op pass-through).
         self.scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.amp == "fp16")
         self.wrapped: dict[str, nn.Module] = {}
         task.wrap_trainable(self._wrap)
-        self.writer = None
         self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step == self.cfg.iters
 
     # ---------------------------------------------------------------- set-up helpers
 
@@ -218,6 +200,11 @@ class Trainer:
             g["lr"] = base * f
         return self.base_lrs[0] * f
 
+    def train_mode(self) -> None:
+        """Every trainable module back in train mode (after an evaluation or a monitor pass)."""
+        for m in self.modules.values():
+            m.train()
+
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,7 +215,7 @@ class Trainer:
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
+            "task": self.task.state_dict(),
             "config": self.config,
             "world_size": self.dist.world_size,
         }
@@ -255,46 +242,26 @@ class Trainer:
             raise CheckpointError(f"{path}: the saved run does not fit this run's model/optimizer (was model.*, "
                                   f"optim.* or the class list changed?): {' '.join(first)}") from e
         self.scaler.load_state_dict(state["scaler"])
-        if hasattr(self.task, "load_state_dict"):
-            self.task.load_state_dict(state["task"])
+        self.task.load_state_dict(state["task"])
         if state.get("world_size", 1) != self.dist.world_size:
-            log(f"warning: resuming a run saved with world size {state.get('world_size')} on "
-                f"{self.dist.world_size} processes: the sample order after the resume differs", dist_info=self.dist)
+            logger.warning(f"resuming a run saved with world size {state.get('world_size')} on "
+                           f"{self.dist.world_size} processes: the sample order after the resume differs")
         self.step = int(state["step"])
 
     # ---------------------------------------------------------------- logging
 
-    def _log_metrics(self, record: dict[str, Any]) -> None:
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with a ``step``) to ``metrics.jsonl`` and hand it to every hook (rank 0 only)."""
         if not self.dist.is_main:
             return
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.cfg.tensorboard:
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
+        for h in self.hooks:
+            h.on_log(self, record)
 
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.writer.add_scalar(k, v, record["step"])
-            self.writer.flush()
-
-    def _run_eval(self) -> dict | None:
-        if self.evaluate_fn is None:
-            return None
-        model = self.task.export_model()
-        result = self.evaluate_fn(model)
-        if self.dist.is_main and result is not None:
-            self._log_metrics({"step": self.step, **{f"val/{k}": v for k, v in result.items()
-                                                      if isinstance(v, (int, float))}})
-            log(f"step {self.step}: val mIoU {result.get('miou', float('nan')):.2f}", dist_info=self.dist)
-        return result
-
-    def _run_monitor(self) -> None:
-        if self.monitor_fn is None or not self.dist.is_main:
-            return
-        values = self.monitor_fn(self.task.export_model(), self.step)
-        self._log_metrics({"step": self.step, **{f"unsup/{k}": v for k, v in values.items()}})
+    def _call(self, event: str) -> None:
+        for h in self.hooks:
+            getattr(h, event)(self)
 
     # ---------------------------------------------------------------- the loop
 
@@ -303,144 +270,97 @@ class Trainer:
         state_path = self.run_dir / STATE_FILE
         if resume and state_path.exists():
             self.load_state(state_path)
-            log(f"resumed from {state_path} at step {self.step}", dist_info=self.dist)
+            logger.info(f"resumed from {state_path} at step {self.step}")
         if resume and self.dist.is_main:
             trim_metrics(self.metrics_file, self.step)  # drop what a killed run logged after its last checkpoint
-        cfg = self.cfg
-        global_batch = self.batch_size * cfg.accumulate * self.dist.world_size
-        data = self._loader(self.step * global_batch)
-        progress = None
-        if self.dist.is_main and cfg.progress and self.step < cfg.iters:
-            from tqdm import tqdm
-
-            progress = tqdm(total=cfg.iters, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
-
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        log_sums: dict[str, torch.Tensor] = {}
-        log_count = 0
-        # Non-finite losses are tracked on the device: the step where one first appeared, -1 if none. The host
-        # reads it only at log/checkpoint time (one sync), unless on_nan=skip needs a decision every step.
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        wait_time, t_last, steps_since = 0.0, time.perf_counter(), 0
-        last_good_step = self.step
-        if self.step == 0:
-            self._run_monitor()  # the starting point: for a source-free run, the source model's signals
-        for m in self.modules.values():
-            m.train()
-
-        while self.step < cfg.iters:
-            step = self.step
-            # Per-step reseed: dropout and any random choice in the task depend on (seed, rank, step) only, so a
-            # resumed run continues exactly as an uninterrupted one would.
-            torch.manual_seed(sample_seed(cfg.seed + 7919 * (self.dist.rank + 1), step))
-            lr = self._set_lr(step)
-            step_loss = torch.zeros((), device=self.device)
-            for micro in range(cfg.accumulate):
-                t0 = time.perf_counter()
-                batch = self._to_device(self._next_batch(data))
-                wait_time += time.perf_counter() - t0
-                last = micro == cfg.accumulate - 1
-                sync_ctx = contextlib.ExitStack()
-                if not last and self.dist.distributed:
-                    for w in self.wrapped.values():
-                        if isinstance(w, nn.parallel.DistributedDataParallel):
-                            sync_ctx.enter_context(w.no_sync())
-                with sync_ctx:
-                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                        out: StepOutput = self.task.training_step(batch, step)
-                    loss = out.loss / cfg.accumulate
-                    self.scaler.scale(loss).backward()
-                step_loss += out.loss.detach().float() / cfg.accumulate
-                for k, v in out.logs.items():
-                    v = torch.as_tensor(v, device=self.device).detach().float()
-                    log_sums[k] = log_sums.get(k, 0) + v / cfg.accumulate
-
-            finite = torch.isfinite(step_loss)
-            first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-            skip = False
-            if cfg.on_nan == "skip":
-                # Host sync, once per step: skipping needs a decision before the optimizer moves the weights.
-                skip = not bool(finite)
-                if skip:
-                    first_bad.fill_(-1)
-                    log(f"warning: non-finite loss at step {step}; step skipped", dist_info=self.dist)
-            if skip:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.update()
-            else:
-                if self.optim_cfg.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    gnorm = nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
-                    log_sums["grad_norm"] = log_sums.get("grad_norm", 0) + gnorm.detach().float()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                if hasattr(self.task, "after_optimizer_step"):
-                    self.task.after_optimizer_step(step)
-            log_sums["loss"] = log_sums.get("loss", 0) + step_loss
-            log_count += 1
-            self.step += 1
-            steps_since += 1
-            if progress is not None:
-                progress.update(1)
-
-            at_end = self.step == cfg.iters
-            do_ckpt = self.step % cfg.ckpt_every == 0 or at_end
-            do_log = self.step % cfg.log_every == 0 or at_end or do_ckpt
-            if do_log:
-                # Host sync, once per log interval: read the averaged logs and the non-finite flag together.
-                keys = list(log_sums)
-                parts = [torch.as_tensor(log_sums[k] / log_count).flatten() for k in keys]
-                flat = torch.cat(parts + [first_bad.float().flatten()]).tolist()
-                bad_step = int(flat.pop())
-                values, i = {}, 0
-                for k, p in zip(keys, parts):  # scalars stay floats, vector logs (class histograms) become lists
-                    n = p.numel()
-                    values[k] = flat[i] if log_sums[k].ndim == 0 else flat[i:i + n]
-                    i += n
-                if bad_step >= 0:
-                    self._on_non_finite(bad_step, last_good_step, progress)
-                now = time.perf_counter()
-                elapsed = now - t_last
-                record = {"step": self.step, "lr": lr, **values,
-                          "images_per_s": steps_since * global_batch / max(elapsed, 1e-9),
-                          "data_wait_frac": wait_time / max(elapsed, 1e-9)}
-                self._log_metrics(record)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                         img_s=f"{record['images_per_s']:.1f}")
-                log_sums, log_count = {}, 0
-                wait_time, t_last, steps_since = 0.0, time.perf_counter(), 0
-            if do_ckpt:
-                self.save_state()
-                last_good_step = self.step
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not at_end:
-                self._run_eval()
-                for m in self.modules.values():
-                    m.train()
-            if self.monitor_every and self.step % self.monitor_every == 0 and not at_end:
-                self._run_monitor()
-                for m in self.modules.values():
-                    m.train()
-
-        if progress is not None:
-            progress.close()
-        if self.dist.distributed:
-            diff = self._replica_max_abs_diff()
-            self._log_metrics({"step": self.step, "replica_max_abs_diff": diff})
-            if diff != 0.0:
-                log(f"warning: DDP replicas differ by up to {diff:g} at the end", dist_info=self.dist)
-        result = self._run_eval()
-        self._run_monitor()
-        model_path = self.run_dir / MODEL_FILE
-        if self.dist.is_main:
-            if result is not None:
-                (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-            self.save_model_fn(model_path, self.task.export_model())
-        barrier()
-        if self.writer is not None:
-            self.writer.close()
+        data = self._loader(self.step * self.global_batch)
+        self._last_good_step = self.step
+        try:
+            self._call("before_train")
+            self.train_mode()
+            self._logs = _LogWindow(self.device)
+            while self.step < self.cfg.iters:
+                self._call("before_step")
+                self._run_step(data)
+                self._call("after_step")
+            if self.dist.distributed:
+                diff = self._replica_max_abs_diff()
+                self.log_metrics({"step": self.step, "replica_max_abs_diff": diff})
+                if diff != 0.0:
+                    logger.warning(f"DDP replicas differ by up to {diff:g} at the end")
+            self._call("after_train")
+            model_path = self.run_dir / MODEL_FILE
+            if self.dist.is_main:
+                self.save_model_fn(model_path, self.task.export_model())
+            barrier()
+        finally:
+            self._call("close")
         return model_path
+
+    def _run_step(self, data: Iterator[dict]) -> None:
+        """One optimizer step: micro-batches, backward, clipping, the step, the task's update, logs, checkpoint."""
+        cfg, step = self.cfg, self.step
+        # Per-step reseed: dropout and any random choice in the task depend on (seed, rank, step) only, so a
+        # resumed run continues exactly as an uninterrupted one would.
+        torch.manual_seed(sample_seed(cfg.seed + 7919 * (self.dist.rank + 1), step))
+        lr = self._set_lr(step)
+        step_loss = torch.zeros((), device=self.device)
+        self.last_data_wait = 0.0
+        for micro in range(cfg.accumulate):
+            t0 = time.perf_counter()
+            batch = self._to_device(self._next_batch(data))
+            self.last_data_wait += time.perf_counter() - t0
+            sync_ctx = contextlib.ExitStack()
+            if micro < cfg.accumulate - 1 and self.dist.distributed:
+                for w in self.wrapped.values():
+                    if isinstance(w, nn.parallel.DistributedDataParallel):
+                        sync_ctx.enter_context(w.no_sync())
+            with sync_ctx:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out: StepOutput = self.task.training_step(batch, step)
+                self.scaler.scale(out.loss / cfg.accumulate).backward()
+            step_loss += out.loss.detach().float() / cfg.accumulate
+            self._logs.add(out.logs, scale=1.0 / cfg.accumulate)
+        if self._skip_non_finite(step_loss, step):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+        else:
+            if self.optim_cfg.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                gnorm = nn.utils.clip_grad_norm_(self.params, self.optim_cfg.grad_clip)
+                self._logs.add({"grad_norm": gnorm})
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.task.after_optimizer_step(step)
+        self._logs.add({"loss": step_loss}, count=True)
+        self._logs.waited(self.last_data_wait)
+        self.step += 1
+        do_ckpt = self.checkpoints and (self.step % cfg.ckpt_every == 0 or self.is_last_step)
+        if self.step % cfg.log_every == 0 or self.is_last_step or do_ckpt:
+            self._flush_logs(lr)
+        if do_ckpt:
+            self.save_state()
+            self._last_good_step = self.step
+
+    def _skip_non_finite(self, step_loss: torch.Tensor, step: int) -> bool:
+        """Track non-finite losses on the device; with ``on_nan=skip`` decide now whether to skip this step."""
+        self._logs.track_finite(step_loss, step)
+        if self.cfg.on_nan != "skip":
+            return False
+        # Host sync, once per step: skipping needs a decision before the optimizer moves the weights.
+        if bool(torch.isfinite(step_loss)):
+            return False
+        self._logs.first_bad.fill_(-1)
+        logger.warning(f"non-finite loss at step {step}; step skipped")
+        return True
+
+    def _flush_logs(self, lr: float) -> None:
+        # Host sync, once per log interval: read the averaged logs and the non-finite flag together.
+        values, bad_step, per_s, wait_frac = self._logs.read(self.global_batch)
+        if bad_step >= 0:
+            self._on_non_finite(bad_step, self._last_good_step)
+        self.log_metrics({"step": self.step, "lr": lr, **values, "images_per_s": per_s, "data_wait_frac": wait_frac})
 
     def _replica_max_abs_diff(self) -> float:
         """Largest difference of any weight or buffer across ranks (0.0 when the replicas agree exactly)."""
@@ -453,9 +373,7 @@ class Trainer:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         return float((hi - lo).abs().max())  # host sync: once, at the end of the run
 
-    def _on_non_finite(self, bad_step: int, last_good_step: int, progress) -> None:
-        if progress is not None:
-            progress.close()
+    def _on_non_finite(self, bad_step: int, last_good_step: int) -> None:
         where = self.run_dir / STATE_FILE
         kept = f"the last good checkpoint (step {last_good_step}) is kept at {where}" if where.exists() else \
             "no checkpoint had been written yet"
@@ -463,3 +381,48 @@ class Trainer:
             f"non-finite loss at step {bad_step}; stopped, {kept}. Lower optim.lr, set optim.grad_clip, use "
             f"train.amp=bf16 instead of fp16, or set train.on_nan=skip to skip such steps."
         )
+
+
+class _LogWindow:
+    """Device-side sums of the task's logs over one log interval, read on the host once per interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        # The step where a non-finite loss first appeared, -1 if none; read with the logs (no per-step sync).
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.steps, self.wait = 0, 0, 0.0
+        self.t_start = time.perf_counter()
+
+    def add(self, logs: Mapping[str, Any], *, scale: float = 1.0, count: bool = False) -> None:
+        for k, v in logs.items():
+            v = torch.as_tensor(v, device=self.device).detach().float()
+            self.sums[k] = self.sums.get(k, 0) + v * scale
+        if count:
+            self.count += 1
+            self.steps += 1
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def track_finite(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def read(self, global_batch: int) -> tuple[dict[str, Any], int, float, float]:
+        keys = list(self.sums)
+        parts = [torch.as_tensor(self.sums[k] / self.count).flatten() for k in keys]
+        flat = torch.cat(parts + [self.first_bad.float().flatten()]).tolist()
+        bad_step = int(flat.pop())
+        values, i = {}, 0
+        for k, p in zip(keys, parts):  # scalars stay floats, vector logs (class histograms) become lists
+            n = p.numel()
+            values[k] = flat[i] if self.sums[k].ndim == 0 else flat[i:i + n]
+            i += n
+        elapsed = max(time.perf_counter() - self.t_start, 1e-9)
+        per_s, wait_frac = self.steps * global_batch / elapsed, self.wait / elapsed
+        self._reset()
+        return values, bad_step, per_s, wait_frac

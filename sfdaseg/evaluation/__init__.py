@@ -4,11 +4,10 @@ All scores are percentages (0-100).
 """
 
 from sfdaseg.evaluation.evaluate import evaluate
-from sfdaseg.evaluation.inference import AMP_DTYPES, predict, predict_logits
+from sfdaseg.evaluation.inference import predict, predict_logits
 from sfdaseg.evaluation.metrics import ConfusionMatrix, SegMetrics, resolve_protocol
 
 __all__ = [
-    "AMP_DTYPES",
     "ConfusionMatrix",
     "SegMetrics",
     "evaluate",

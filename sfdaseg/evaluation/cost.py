@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sfdaseg.evaluation.inference import AMP_DTYPES
+from sfdaseg.amp import AMP_DTYPES
 
 __all__ = ["format_cost", "model_cost"]
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["predict_logits", "predict", "AMP_DTYPES"]
+from sfdaseg.amp import AMP_DTYPES
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["predict_logits", "predict"]
+
 MODES = ("whole", "slide")
 
 

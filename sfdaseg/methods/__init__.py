@@ -2,7 +2,8 @@
 
 ``RECIPES`` is the registry of adaptation recipes (a plain dict): name -> :class:`Recipe`, whose ``config_cls``
 is the typed dataclass of the recipe's hyper-parameters (the ``method.*`` keys of an adapt config) and whose
-``build(ctx, cfg)`` returns the task the trainer runs.
+``build(ctx, cfg)`` returns the task the trainer runs (a :class:`sfdaseg.task.Task`). :func:`get_recipe` is the
+one lookup by name, with the error a user sees for a typo.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sfdaseg.methods import diga_sf, selftrain, sfda_liu, stvm
-from sfdaseg.methods import duda
-from sfdaseg.methods import unisfda
+from sfdaseg.config_base import ConfigError, suggest
+from sfdaseg.methods import diga_sf, duda, selftrain, sfda_liu, stvm, unisfda
 
 
 @dataclass(frozen=True)
@@ -40,3 +40,12 @@ RECIPES: dict[str, Recipe] = {
                       "pseudo-labels + intra-domain style augmentation; multi-stage with a `stages:` section",
                       unisfda.UniSFDAConfig, unisfda.build),
 }
+
+
+def get_recipe(name: str, *, key: str = "recipe") -> Recipe:
+    """The registered recipe ``name``; a :class:`ConfigError` naming ``key`` and the choices otherwise."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"{key}: unknown recipe '{name}'; choices: {', '.join(RECIPES)}."
+                          f"{suggest(str(name), list(RECIPES))}") from None

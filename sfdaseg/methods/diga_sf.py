@@ -28,19 +28,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config import choices
+from sfdaseg.config_base import ConfigError
 from sfdaseg.data.transforms import collate, to_model_input
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy, soft_cross_entropy
-from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
+from sfdaseg.methods.common import AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import PrototypeMemory, bilateral_consensus, pseudo_label_stats
-from sfdaseg.style import StyleConfig, build_style_augment
+from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.task import StepOutput
 
 
 @dataclass
-class DiGAConfig:
+class DiGAConfig(StrongViewConfig, RecipeConfig):
     ema_momentum: float = 0.999
     offline_scales: tuple[float, ...] = (1.0, 0.5)  # multi-scale max fusion of the offline labeller
     proto_momentum: float = 1e-4
@@ -49,29 +48,24 @@ class DiGAConfig:
     distill_weight: float = 0.25
     reverse_weight: float = 0.5
     temperature: float = 1.0
-    classmix: bool = True
-    photometric: bool = True
-    jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
-    hue: float = 0.0  # hue rotation of the strong view, in turns
-    style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
-    style_p: float = 0.5  # probability that an image is re-styled (sfdaseg.style.StyleConfig.p)
-    style_beta: float = 0.01  # fourier: half-size of the swapped low-frequency band, fraction of the short side
 
     def validate(self) -> None:
+        super().validate()
         if not self.offline_scales or min(self.offline_scales) <= 0:
-            raise ValueError(f"method.offline_scales: expected positive scales, got {list(self.offline_scales)}")
+            raise ConfigError(f"method.offline_scales: expected positive scales, got {list(self.offline_scales)}")
+
+    def offline_labels(self) -> OfflineLabelRequest:
+        return OfflineLabelRequest(scales=tuple(self.offline_scales))
 
 
 class DiGASourceFree(TeacherStudentTask):
-    needs_offline_labels = True
-
     def __init__(self, ctx: AdaptContext, cfg: DiGAConfig) -> None:
         model = ctx.model
         super().__init__(model, EMATeacher(model, momentum=cfg.ema_momentum), export=ctx.export)
         self.cfg = cfg
-        self.style = build_style_augment(StyleConfig(kind=cfg.style, p=cfg.style_p, beta=cfg.style_beta)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
+        self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
         self.protos = PrototypeMemory(self.num_classes, model.feature_dim, momentum=cfg.proto_momentum).to(ctx.device)
         if ctx.target is not None and cfg.proto_init_images > 0:
             self._init_prototypes(ctx)
@@ -127,13 +121,8 @@ class DiGASourceFree(TeacherStudentTask):
             conf = batch["pl_conf"].float() / 255.0
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
             t_probs = torch.softmax(resize_logits(t_logits, size).float() / cfg.temperature, dim=1)
-            xs = self.style(x) if self.style is not None else x
-            xs = photometric_augment(xs, brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter,
-                                     hue=cfg.hue) if cfg.photometric else xs
-            x_mix, y_mix, t_mix = xs, label, t_probs
-            if cfg.classmix:
-                mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)
-                x_mix, y_mix, t_mix = classmix(mask, xs, label, t_probs)
+            xs = self.view.perturb(x)
+            x_mix, y_mix, t_mix = self.view.mix(label, xs, t_probs)
         reverse = cfg.reverse_weight > 0
         # One student forward over both views (DDP expects one forward per backward; one big batch is faster).
         s_all = self.net(torch.cat([x_mix, x]) if reverse else x_mix)

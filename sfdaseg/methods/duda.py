@@ -46,21 +46,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices
 from sfdaseg.data.classes import IGNORE_INDEX
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.distill import average_probs, build_student, check_same_classes, kd_loss, load_teachers, ramp, \
     teacher_logits
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy
-from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
+from sfdaseg.methods.common import AdaptContext, RecipeConfig, TeacherStudentTask
+from sfdaseg.models import MODELS
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels
+from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.task import StepOutput
 
 
 @dataclass
-class DUDAConfig:
+class DUDAConfig(StrongViewConfig, RecipeConfig):
     student: str | None = None  # small architecture; None: student_checkpoint's, else lraspp_mobilenet_v3_large
     student_options: dict[str, Any] = field(default_factory=dict)  # its builder options, e.g. {width: 8} for tiny
     student_checkpoint: str | None = None  # a small *source* model (the fair setting); None: random initialisation
@@ -69,8 +70,6 @@ class DUDAConfig:
     policy: str = choices(*POLICIES, default="ratio", help="pseudo-label selection / weighting")
     tau: float = 0.968  # confidence threshold (DAFormer)
     percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
-    classmix: bool = True
-    photometric: bool = True
     large_weight: float = 1.0  # CE of the large auxiliary student
     temperature: float = 2.0  # of the large-to-small KL (reconstructed)
     kd_weight: float = 1.0  # KL weight at the end of the ramp (reconstructed)
@@ -81,8 +80,7 @@ class DUDAConfig:
     small_lr_mult: float = 1.0  # the small student's LR = optim.lr * small_lr_mult (ours; it may start from scratch)
 
     def validate(self) -> None:
-        from sfdaseg.models import MODELS
-
+        super().validate()
         if self.small_lr_mult <= 0:
             raise ConfigError(f"method.small_lr_mult: expected a multiplier > 0, got {self.small_lr_mult}")
         if self.student is not None and self.student not in MODELS:
@@ -138,24 +136,11 @@ def inconsistency_class_weights(student_label: Tensor, teacher_label: Tensor, *,
 
 
 def _schedule_iters(ctx: AdaptContext, cfg: DUDAConfig) -> int:
-    """The run's length, which the KD ramp refers to: ``method.schedule_iters``, else the run's ``train.iters``.
-
-    The adaptation context does not carry the schedule (yet: a ``ctx.iters`` attribute is used when present), so
-    ``train.iters`` is read from the resolved ``config.yaml`` that ``sfdaseg adapt`` writes into the run folder
-    before the recipe is built.
-    """
+    """The run's length, which the KD ramp refers to: ``method.schedule_iters``, else the run's ``train.iters``."""
     if cfg.schedule_iters:
         return int(cfg.schedule_iters)
-    iters = getattr(ctx, "iters", None)
-    if iters:
-        return int(iters)
-    if ctx.run_dir is not None and (Path(ctx.run_dir) / "config.yaml").is_file():
-        import yaml
-
-        resolved = yaml.safe_load((Path(ctx.run_dir) / "config.yaml").read_text()) or {}
-        iters = (resolved.get("train") or {}).get("iters")
-        if isinstance(iters, int) and iters > 0:
-            return iters
+    if ctx.iters:
+        return int(ctx.iters)
     raise ConfigError("method.schedule_iters: the run's train.iters is not known here; set method.schedule_iters "
                       "to the number of steps the KD ramp refers to")
 
@@ -172,6 +157,7 @@ class DUDA(TeacherStudentTask):
         self.cfg = cfg
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
+        self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
         self.extra_teachers: list[nn.Module] = []
         if cfg.teachers:
             self.extra_teachers, classes = load_teachers(cfg.teachers, device=ctx.device)
@@ -195,11 +181,7 @@ class DUDA(TeacherStudentTask):
             label, weight = select_pseudo_labels(cfg.policy, conf, label, num_classes=self.num_classes,
                                                  tau=cfg.tau, percentile=cfg.percentile, ignore_index=self.ignore)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
-            xs = photometric_augment(x) if cfg.photometric else x
-            x_mix, y_mix, w_mix, t_mix = xs, label, weight, t_soft
-            if cfg.classmix:
-                mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)
-                x_mix, y_mix, w_mix, t_mix = classmix(mask, xs, label, weight, t_soft)
+            x_mix, y_mix, w_mix, t_mix = self.view(x, label, weight, t_soft)
         large = self.net(x_mix)
         small = resize_logits(self.wrapped.get("small", self.small)(x_mix), size)  # upsampled once, used 3x
         loss_large = seg_cross_entropy(large, y_mix, ignore_index=self.ignore, pixel_weight=w_mix)

@@ -21,39 +21,31 @@ from dataclasses import dataclass
 
 import torch
 
-from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config import choices
+from sfdaseg.config_base import choices
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy
-from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
+from sfdaseg.methods.common import AdaptContext, RecipeConfig, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels, softmax_confidence
-from sfdaseg.style import StyleConfig, build_style_augment
+from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.task import StepOutput
 
 
 @dataclass
-class SelfTrainConfig:
+class SelfTrainConfig(StrongViewConfig, RecipeConfig):
     ema_momentum: float = 0.999
     policy: str = choices(*POLICIES, default="ratio", help="pseudo-label selection / weighting")
     tau: float = 0.968  # confidence threshold (DAFormer)
     percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
-    classmix: bool = True
-    photometric: bool = True
-    jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
-    hue: float = 0.0  # hue rotation of the strong view, in turns
-    style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
-    style_p: float = 0.5  # probability that an image is re-styled (sfdaseg.style.StyleConfig.p)
-    style_beta: float = 0.01  # fourier: half-size of the swapped low-frequency band, fraction of the short side
 
 
 class SelfTraining(TeacherStudentTask):
     def __init__(self, ctx: AdaptContext, cfg: SelfTrainConfig) -> None:
         super().__init__(ctx.model, EMATeacher(ctx.model, momentum=cfg.ema_momentum), export=ctx.export)
         self.cfg = cfg
-        self.style = build_style_augment(StyleConfig(kind=cfg.style, p=cfg.style_p, beta=cfg.style_beta)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
+        self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
 
     def training_step(self, batch: dict, step: int) -> StepOutput:
         cfg = self.cfg
@@ -64,12 +56,7 @@ class SelfTraining(TeacherStudentTask):
             label, weight = select_pseudo_labels(cfg.policy, conf, label, num_classes=self.num_classes,
                                                  tau=cfg.tau, percentile=cfg.percentile, ignore_index=self.ignore)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
-            xs = self.style(x) if self.style is not None else x
-            xs = photometric_augment(xs, brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter,
-                                     hue=cfg.hue) if cfg.photometric else xs
-            if cfg.classmix:
-                mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)
-                xs, label, weight = classmix(mask, xs, label, weight)
+            xs, label, weight = self.view(x, label, weight)
         loss = seg_cross_entropy(self.net(xs), label, ignore_index=self.ignore, pixel_weight=weight)
         return StepOutput(loss, {"loss_st": loss.detach(), **{f"pl/{k}": v for k, v in stats.items()}})
 

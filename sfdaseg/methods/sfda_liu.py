@@ -54,11 +54,10 @@ Reconstructed (the mechanism is published, the exact form is ours; all are ``met
 - how the target model's BatchNorm sees generated images (``student_gen_bn``): ``running`` (default) runs the
   real crops in train mode and the generated images in a second pass with BatchNorm in eval mode, i.e. through
   the running statistics, exactly as the frozen source sees them; the running statistics are then those of the
-  real target images only (the AdaBN effect, worth +2.5 mIoU on its own on the built-in benchmark), and the
-  discrepancy terms compare two networks that normalise alike. ``joint`` resizes the generated images to the
-  crop size and runs ``[x_g; x]`` in one train-mode pass: generated and real images share batch statistics and
-  the running statistics drift towards the generator's images (built-in benchmark, seed 0, 400 steps: 36.2
-  against 36.5 for ``running``, a difference within seed noise);
+  real target images only (the AdaBN effect), and the discrepancy terms compare two networks that normalise
+  alike. ``joint`` resizes the generated images to the crop size and runs ``[x_g; x]`` in one train-mode pass:
+  generated and real images share batch statistics and the running statistics drift towards the generator's
+  images;
 - ``L_MAE`` on logits (as in data-free adversarial distillation), at the logit resolution;
 - dual attention: features are average-pooled to at most ``attention_grid`` positions, then
   ``softmax(cos / T)`` over positions (spatial) and over channels (channel), temperature 0.1; ``L_DAD_ss`` is the
@@ -69,14 +68,15 @@ Reconstructed (the mechanism is published, the exact form is ours; all are ``met
   (``disc_input=prob``) or its self-information ``-p log p`` (``self_info``); its loss weight ``disc_weight``;
 - the discriminator and generator learn at the head learning rate times ``disc_lr_mult`` / ``gen_lr_mult``
   (``optim.lr * optim.head_lr_mult * mult``): both start from scratch beside a fine-tuned target model, and at
-  the model's small LR the generator barely moves towards the source statistics within a run (built-in
-  benchmark: AdamW 5e-5 for all, 33.9, no gain over 34.0 source-only; G and D at 20x, 36.2); the trainer has
+  the model's small LR the generator barely moves towards the source statistics within a run; the trainer has
   one optimiser, so they share its kind (SGD or AdamW) and its schedule;
 - ``export=teacher`` (the adapt default) delivers an EMA (momentum ``ema_momentum``) of the target model, ours,
   not used by any loss; ``export=student`` delivers the target model itself, as published.
 
 Generated images: :meth:`SFDALiu.sample_images` returns a fixed-noise batch; every ``sample_every`` steps a PNG
 grid goes to ``<run_dir>/generated/step_<N>.png`` (:func:`save_image_grid`).
+
+What these choices are worth on the built-in benchmark is measured in ``benchmarks/results/sfda_liu_synthetic.md``.
 """
 
 from __future__ import annotations
@@ -93,15 +93,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sfdaseg.config import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.distributed import get_dist_info
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits
-from sfdaseg.methods.common import AdaptContext
+from sfdaseg.methods.common import AdaptContext, RecipeConfig
 from sfdaseg.models.base import unwrap_model
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import pseudo_label_stats
+from sfdaseg.task import StepOutput, TaskBase
 
 __all__ = [
     "BNStatisticsLoss", "Generator", "PatchDiscriminator", "SFDALiu", "SFDALiuConfig", "attention_kl",
@@ -111,7 +110,7 @@ __all__ = [
 
 
 @dataclass
-class SFDALiuConfig:
+class SFDALiuConfig(RecipeConfig):
     # Knowledge transfer: generator and its objective.
     z_dim: int = 256  # [published] noise dimension
     gen_size: tuple[int, int] = (128, 256)  # [published] (H, W) of generated images: 256x128 (W x H)
@@ -477,23 +476,20 @@ def ipsm_losses(probs: torch.Tensor, disc: nn.Module, disc_raw: nn.Module, *, k:
 
 def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 4) -> Path:
     """Write images ``(N, 3, H, W)`` in ``[0, 1]`` as one PNG grid (``nrow`` images per row, 2 px padding)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+    from torchvision.utils import save_image
 
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"save_image_grid: expected images (N, 3, H, W), got {tuple(images.shape)}")
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2)  # (3, H', W')
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2)
     return path
 
 
 # ------------------------------------------------------------------------------------------------ the task
 
 
-class SFDALiu:
+class SFDALiu(TaskBase):
     """The trainer task of ``sfda_liu`` (see the module docstring).
 
     Trainable modules: ``student`` (the target model), ``generator``, ``discriminator``. Non-trainable: the frozen
@@ -517,7 +513,7 @@ class SFDALiu:
         self.generator.lr_mult = cfg.gen_lr_mult
         self.disc.lr_mult = cfg.disc_lr_mult
         self.teacher = EMATeacher(model, momentum=cfg.ema_momentum) if ctx.export == "teacher" else None
-        self.run_dir = Path(ctx.run_dir) if ctx.run_dir is not None else None
+        self.run_dir = Path(ctx.run_dir) if ctx.run_dir is not None and ctx.is_main else None  # rank 0 writes
         # Fixed noise for the image grids (its own RNG: the training stream is not disturbed).
         rng = torch.Generator().manual_seed(0)
         self.fixed_z = torch.randn(cfg.sample_count, cfg.z_dim, generator=rng).to(ctx.device)
@@ -602,7 +598,7 @@ class SFDALiu:
         if self.teacher is not None:
             self.teacher.update(self.student, step)
         every = self.cfg.sample_every
-        if every and (step + 1) % every == 0 and self.run_dir is not None and get_dist_info().is_main:
+        if every and (step + 1) % every == 0 and self.run_dir is not None:
             self.save_samples(self.run_dir / "generated" / f"step_{step + 1:06d}.png")
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch.nn as nn
 
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import seg_cross_entropy
+from sfdaseg.task import StepOutput, TaskBase, WrapFn
 
 
-class SupervisedSegmentation:
+class SupervisedSegmentation(TaskBase):
     """Pixel-wise cross-entropy on labelled batches.
 
     Batch: ``image`` uint8 ``(B, 3, H, W)``, ``mask`` uint8 ``(B, H, W)`` on the training device.
@@ -25,7 +23,7 @@ class SupervisedSegmentation:
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
-    def wrap_trainable(self, wrap: Callable[[str, nn.Module], nn.Module]) -> None:
+    def wrap_trainable(self, wrap: WrapFn) -> None:
         self._net = wrap("model", self.model)
 
     def training_step(self, batch: dict, step: int) -> StepOutput:

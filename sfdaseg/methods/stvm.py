@@ -27,19 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config import choices
+from sfdaseg.config_base import choices
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.trainer import StepOutput
 from sfdaseg.losses import resize_logits, seg_cross_entropy
-from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
+from sfdaseg.methods.common import AdaptContext, RecipeConfig, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import pseudo_label_stats, softmax_confidence
-from sfdaseg.style import StyleConfig, build_style_augment
+from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.task import StepOutput
 
 
 @dataclass
-class STvMConfig:
+class STvMConfig(StrongViewConfig, RecipeConfig):
     ema_momentum: float = 0.999
     embed_dim: int = 128
     metric_loss: str = choices("proxy_anchor", "proxy_nca", default="proxy_anchor")
@@ -50,13 +49,6 @@ class STvMConfig:
     metric_weight: float = 1.0
     reliability: bool = True  # False: plain CE on every teacher pixel (ablation)
     mocm: bool = True  # False: uniform ClassMix (ablation)
-    classmix: bool = True
-    photometric: bool = True
-    jitter: float = 0.2  # colour-jitter strength of the strong view (brightness, contrast, saturation)
-    hue: float = 0.0  # hue rotation of the strong view, in turns
-    style: str = choices("none", "fourier", "adain", default="none", help="intra-domain style swap (strong view)")
-    style_p: float = 0.5  # probability that an image is re-styled (sfdaseg.style.StyleConfig.p)
-    style_beta: float = 0.01  # fourier: half-size of the swapped low-frequency band, fraction of the short side
 
 
 class MetricNet(nn.Module):
@@ -114,9 +106,9 @@ class STvM(TeacherStudentTask):
         super().__init__(model, EMATeacher(model, momentum=cfg.ema_momentum), export=ctx.export,
                          extra_trainable={"metric": self.metric})
         self.cfg = cfg
-        self.style = build_style_augment(StyleConfig(kind=cfg.style, p=cfg.style_p, beta=cfg.style_beta)) if cfg.style != "none" else None
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
+        self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
 
     def training_step(self, batch: dict, step: int) -> StepOutput:
         cfg = self.cfg
@@ -144,19 +136,13 @@ class STvM(TeacherStudentTask):
             else:
                 rel = torch.ones_like(conf)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
-            xs = self.style(x) if self.style is not None else x
-            xs = photometric_augment(xs, brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter,
-                                     hue=cfg.hue) if cfg.photometric else xs
-            if cfg.classmix:
-                scores = None
-                if cfg.mocm:
-                    # Mean reliability of each class in each image (B, C): reliable classes get pasted more often.
-                    onehot = F.one_hot(label_lo, c).permute(0, 3, 1, 2).float()  # (B, C, h, w)
-                    r = rel_lo if cfg.reliability else torch.ones_like(onehot[:, :1])
-                    scores = (onehot * r).sum((2, 3)) / onehot.sum((2, 3)).clamp_min(1.0)
-                mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore,
-                                      class_scores=scores)
-                xs, label, rel = classmix(mask, xs, label, rel)
+            scores = None
+            if cfg.classmix and cfg.mocm:
+                # Mean reliability of each class in each image (B, C): reliable classes get pasted more often.
+                onehot = F.one_hot(label_lo, c).permute(0, 3, 1, 2).float()  # (B, C, h, w)
+                r = rel_lo if cfg.reliability else torch.ones_like(onehot[:, :1])
+                scores = (onehot * r).sum((2, 3)) / onehot.sum((2, 3)).clamp_min(1.0)
+            xs, label, rel = self.view(x, label, rel, class_scores=scores)
         loss_st = seg_cross_entropy(self.net(xs), label, ignore_index=self.ignore, pixel_weight=rel)
         loss = loss_st + cfg.metric_weight * metric_loss
         logs = {"loss_st": loss_st.detach(), "loss_metric": metric_loss.detach(), "reliability": rel.mean(),

@@ -56,16 +56,16 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.trainer import StepOutput
+from sfdaseg.distill import check_same_classes, kd_loss, load_teachers
 from sfdaseg.losses import resize_logits, seg_cross_entropy
-from sfdaseg.methods.common import AdaptContext, TeacherStudentTask
+from sfdaseg.methods.common import AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.offline_labels import MEASURES, entropy_certainty, mc_certainty
 from sfdaseg.pseudo_labels import IGNORE_INDEX, pseudo_label_stats, select_class_balanced
-from sfdaseg.style import StyleConfig, build_style_augment
+from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.task import StepOutput
 from sfdaseg.uncertainty import mc_dropout, mc_dropout_features
 
 __all__ = [
@@ -230,7 +230,7 @@ class EnsembleLabeller(nn.Module):
 
 
 @dataclass
-class UniSFDAConfig:
+class UniSFDAConfig(StrongViewConfig, RecipeConfig):
     ema_momentum: float = 0.999
     offline_scales: tuple[float, ...] = (1.0,)  # the offline labeller's scales (max fusion of the probabilities)
     offline_uncertainty: str = choices("mc_dropout", "none", default="mc_dropout",
@@ -242,14 +242,17 @@ class UniSFDAConfig:
     online_mc_passes: int = 8  # MC-dropout passes of the EMA teacher's classifier (0: softmax entropy)
     online_percentile: float = 80.0  # online label certain: certainty in the top p% of its class in the batch
     pixel_weight: str = choices("certainty", "none", default="certainty")
-    style: StyleConfig = field(default_factory=StyleConfig)  # intra-domain style augmentation of the student view
-    photometric: bool = True
+    # The strong view (sfdaseg.strong_view): UniSFDA's intra-domain style augmentation is on (Fourier, p 0.5);
+    # ClassMix is not part of UniSFDA.
+    style: str = choices("fourier", "adain", "none", default="fourier", help="intra-domain style swap of the "
+                         "student's view")
     classmix: bool = False
     kd_weight: float = 0.0  # stage 2: KL to the online soft ensemble of kd_teachers (0: hard labels only)
     kd_teachers: list[str] = field(default_factory=list)  # adapted auxiliary checkpoints (the pipeline fills it)
     kd_temperature: float = 1.0
 
     def validate(self) -> None:
+        super().validate()
         if not self.offline_scales or min(self.offline_scales) <= 0:
             raise ConfigError(f"method.offline_scales: expected positive scales, got {list(self.offline_scales)}")
         if self.mc_passes < 1 or self.online_mc_passes < 0:
@@ -264,28 +267,24 @@ class UniSFDAConfig:
         if self.kd_weight > 0 and not self.kd_teachers:
             raise ConfigError("method.kd_teachers: kd_weight > 0 needs the adapted auxiliary checkpoints "
                               "(the unisfda pipeline fills them in for stage 2)")
-        self.style.validate("method.style")
 
-    def offline_label_options(self) -> dict:
-        """What ``build_offline_labels`` stores in the confidence channel; keyed into the cache's fingerprint."""
-        if self.offline_uncertainty == "none":
-            return {}
-        return {"uncertainty": "mc_dropout", "mc_passes": self.mc_passes, "measure": self.uncertainty_measure}
+    def offline_labels(self) -> OfflineLabelRequest:
+        """The source model's offline labels with what the confidence channel holds (keyed into the cache's
+        fingerprint), or a finished cache (``offline_cache``, stage 2)."""
+        options = {} if self.offline_uncertainty == "none" else {
+            "uncertainty": "mc_dropout", "mc_passes": self.mc_passes, "measure": self.uncertainty_measure}
+        return OfflineLabelRequest(scales=tuple(self.offline_scales), options=options, cache=self.offline_cache)
 
 
 class UniSFDA(TeacherStudentTask):
-    needs_offline_labels = True
-
     def __init__(self, ctx: AdaptContext, cfg: UniSFDAConfig) -> None:
         super().__init__(ctx.model, EMATeacher(ctx.model, momentum=cfg.ema_momentum), export=ctx.export)
         self.cfg = cfg
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
-        self.style = build_style_augment(cfg.style)
+        self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
         self.kd_ensemble: EnsembleLabeller | None = None
         if cfg.kd_weight > 0:
-            from sfdaseg.distill import check_same_classes, load_teachers
-
             teachers, classes = load_teachers(cfg.kd_teachers, device=ctx.device)
             check_same_classes(classes, cfg.kd_teachers[0], ctx.classes, "the adapted model", what="method.kd_teachers")
             # Frozen and not a trainable module: the trainer neither steps nor saves it (rebuilt on resume).
@@ -316,24 +315,18 @@ class UniSFDA(TeacherStudentTask):
             kept = (label != self.ignore).float()
             weight = fused.certainty if cfg.pixel_weight == "certainty" else kept
             stats = pseudo_label_stats(label, fused.certainty, num_classes=self.num_classes, ignore_index=self.ignore)
-            xs = self.style(x)  # appearance of another target image of the batch; labels stay aligned
-            if cfg.photometric:
-                xs = photometric_augment(xs)
+            xs = self.view.perturb(x)  # appearance of another target image of the batch; labels stay aligned
             soft = None
             if self.kd_ensemble is not None:
                 soft = torch.softmax(self.kd_ensemble(x) / cfg.kd_temperature, dim=1)  # log p / T -> p^(1/T) / Z
-            if cfg.classmix:
-                mask = classmix_masks(label, num_classes=self.num_classes, ignore_index=self.ignore)
-                mixed = classmix(mask, xs, label, weight, *([soft] if soft is not None else []))
-                xs, label, weight = mixed[:3]
-                soft = mixed[3] if soft is not None else None
+            mixed = self.view.mix(label, xs, weight, *([soft] if soft is not None else []))
+            xs, label, weight = mixed[:3]
+            soft = mixed[3] if soft is not None else None
         logits = self.net(xs)
         loss_ce = seg_cross_entropy(logits, label, ignore_index=self.ignore, pixel_weight=weight)
         logs = {"loss_ce": loss_ce.detach()}
         loss = loss_ce
         if soft is not None:
-            from sfdaseg.distill import kd_loss
-
             loss_kd = kd_loss(logits, soft, temperature=cfg.kd_temperature)
             loss = loss + cfg.kd_weight * loss_kd
             logs["loss_kd"] = loss_kd.detach()

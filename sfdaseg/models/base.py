@@ -1,4 +1,4 @@
-"""The common base of every segmentation model, input normalisation, and checked weight loading.
+"""The common base of every segmentation model, and checked weight loading.
 
 A :class:`SegmentationModel` maps float RGB images in ``[0, 1]`` to logits at ``1 / output_stride`` of the
 input size and, on request, to the features its final classifier consumes::
@@ -13,90 +13,26 @@ sample or inspect only the last, cheap step. Nothing here upsamples to the input
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-logger = logging.getLogger("sfdaseg.models")
+from sfdaseg.normalization import CAFFE, IMAGENET, NORMALIZATIONS, Normalization
+from sfdaseg.storage import CheckpointInfo, is_sfdaseg_checkpoint, safe_load, unwrap_state_dict
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CAFFE", "IMAGENET", "NORMALIZATIONS", "Normalization", "SegmentationModel", "WeightsError",
+    "check_num_classes", "load_state_dict_checked", "load_weights", "load_weights_from", "make_classifier",
+    "unwrap_model",
+]
 
 
 class WeightsError(ValueError):
     """Weights that do not fit the model: wrong architecture, wrong number of classes, unknown file layout."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Normalisation
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel input normalisation ``(x * 255 - mean) / std``.
-
-    Attributes:
-        mean: per-channel mean in 0..255 units, in the model's channel order (BGR when ``bgr``).
-        std: per-channel standard deviation in 0..255 units, same order.
-        bgr: the model expects BGR input (Caffe-trained weights); the RGB input is flipped first.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    bgr: bool = False
-
-    def __post_init__(self) -> None:
-        mean = tuple(float(v) for v in self.mean)
-        std = tuple(float(v) for v in self.std)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"Normalization: expected 3 mean and 3 std values, got mean={mean}, std={std}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"Normalization.std: expected positive values, got {std}")
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
-        object.__setattr__(self, "bgr", bool(self.bgr))
-
-    def to_dict(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std), "bgr": self.bgr}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Normalization":
-        try:
-            return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), bgr=bool(d.get("bgr", False)))
-        except KeyError as e:
-            raise ValueError(f"Normalization: missing key {e.args[0]!r} in {dict(d)}") from None
-
-    @classmethod
-    def resolve(cls, value: "str | Mapping | Normalization") -> "Normalization":
-        """A preset name (``"imagenet"``, ``"caffe"``), a ``to_dict()`` mapping, or a Normalization."""
-        if isinstance(value, Normalization):
-            return value
-        if isinstance(value, str):
-            try:
-                return NORMALIZATIONS[value.lower()]
-            except KeyError:
-                raise ValueError(
-                    f"normalization: unknown preset {value!r}; choices: {sorted(NORMALIZATIONS)} "
-                    "or a mapping with 'mean', 'std' (0..255 units) and 'bgr'"
-                ) from None
-        if isinstance(value, Mapping):
-            return cls.from_dict(value)
-        raise TypeError(f"normalization: expected a preset name, a mapping or a Normalization, got {type(value)}")
-
-    def to_plain(self) -> str | dict:
-        """The preset name when this is a preset (short, readable build args), else ``to_dict()``."""
-        for key, preset in NORMALIZATIONS.items():
-            if preset == self:
-                return key
-        return self.to_dict()
-
-
-# torchvision / timm / Hugging Face ImageNet statistics (RGB).
-IMAGENET = Normalization(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), bgr=False)
-# The original Caffe DeepLab / ResNet-101 weights: BGR, mean subtraction only.
-CAFFE = Normalization(mean=(104.008, 116.669, 122.679), std=(1.0, 1.0, 1.0), bgr=True)
-NORMALIZATIONS: dict[str, Normalization] = {"imagenet": IMAGENET, "caffe": CAFFE}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -336,8 +272,6 @@ def load_weights(model: SegmentationModel, weights: str | Path) -> None:
 
     Nothing is downloaded: ``weights`` must exist on disk.
     """
-    from sfdaseg.engine import checkpoint as ckpt  # lazy: the checkpoint module imports the factory
-
     path = Path(weights).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -346,17 +280,21 @@ def load_weights(model: SegmentationModel, weights: str | Path) -> None:
     if path.is_dir():
         model.load_pretrained_folder(path)
         return
-    obj = ckpt.safe_load(path)
-    if ckpt.is_sfdaseg_checkpoint(obj):
-        info = ckpt.CheckpointInfo.from_checkpoint(obj, path=path)
+    load_weights_from(model, safe_load(path), source=path)
+
+
+def load_weights_from(model: SegmentationModel, obj: Mapping, *, source: Path) -> None:
+    """:func:`load_weights` for a file already read with :func:`sfdaseg.storage.safe_load` (read once)."""
+    if is_sfdaseg_checkpoint(obj):
+        info = CheckpointInfo.from_checkpoint(obj, path=source)
         if info.name != model.name:
             raise WeightsError(
-                f"{path} is a checkpoint of model {info.name!r}, but model {model.name!r} was requested"
+                f"{source} is a checkpoint of model {info.name!r}, but model {model.name!r} was requested"
             )
-        check_num_classes(info.num_classes, model.num_classes, source=path)
-        model.load_checkpoint_state_dict(obj["state_dict"], source=path)
+        check_num_classes(info.num_classes, model.num_classes, source=source)
+        model.load_checkpoint_state_dict(obj["state_dict"], source=source)
         if info.normalization != model.normalization:
-            logger.info("%s: using the checkpoint's input normalisation %s", path, info.normalization)
+            logger.info("%s: using the checkpoint's input normalisation %s", source, info.normalization)
             model.set_normalization(info.normalization)
         return
-    model.load_foreign_state_dict(ckpt.unwrap_state_dict(obj, source=path), source=path)
+    model.load_foreign_state_dict(unwrap_state_dict(obj, source=source), source=source)

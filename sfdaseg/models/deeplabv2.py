@@ -12,6 +12,7 @@ choice of this library, so that MC-dropout and prototypes have features before t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -25,8 +26,9 @@ from sfdaseg.models.base import (
     WeightsError,
     load_state_dict_checked,
     load_weights,
-    logger,
 )
+
+logger = logging.getLogger(__name__)
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 

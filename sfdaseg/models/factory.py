@@ -11,11 +11,12 @@ import inspect
 from pathlib import Path
 from typing import Any, Callable
 
-from sfdaseg.models.base import SegmentationModel, WeightsError, check_num_classes, load_weights
+from sfdaseg.models.base import SegmentationModel, WeightsError, check_num_classes, load_weights_from
 from sfdaseg.models.deeplabv2 import deeplabv2_r101
 from sfdaseg.models.mobilenet import deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large
 from sfdaseg.models.segformer import build_segformer
 from sfdaseg.models.tiny import tiny
+from sfdaseg.storage import CheckpointInfo, is_sfdaseg_checkpoint, safe_load
 
 
 def _segformer(variant: str) -> Callable[..., SegmentationModel]:
@@ -91,20 +92,24 @@ def build_model(
             + ", ".join(f"{k}={v!r}" for k, v in options.items())
         )
     if weights is not None:
-        from sfdaseg.engine.checkpoint import peek_checkpoint_info
-
         path = Path(weights).expanduser()
         if not path.exists():
             raise FileNotFoundError(
                 f"weights not found: {path} (weights are local files or folders; nothing is downloaded)"
             )
-        info = peek_checkpoint_info(path) if path.is_file() else None
-        if info is not None:
-            if info.name != name:
-                raise WeightsError(f"{path} is a checkpoint of model {info.name!r}, but model {name!r} was requested")
-            check_num_classes(info.num_classes, num_classes, source=path)
-            saved = {k: v for k, v in info.build_args.items() if k in options}
-            model = builder(num_classes=num_classes, **{**saved, **kwargs})
-            load_weights(model, path)
+        if path.is_file():
+            # Read once: an sfdaseg checkpoint says how to build the architecture, and then fills it.
+            obj = safe_load(path)
+            if is_sfdaseg_checkpoint(obj):
+                info = CheckpointInfo.from_checkpoint(obj, path=path)
+                if info.name != name:
+                    raise WeightsError(f"{path} is a checkpoint of model {info.name!r}, but model {name!r} was "
+                                       "requested")
+                check_num_classes(info.num_classes, num_classes, source=path)
+                saved = {k: v for k, v in info.build_args.items() if k in options}
+                model = builder(num_classes=num_classes, **{**saved, **kwargs})
+            else:
+                model = builder(num_classes=num_classes, **kwargs)
+            load_weights_from(model, obj, source=path)
             return model
     return builder(num_classes=num_classes, weights=weights, **kwargs)

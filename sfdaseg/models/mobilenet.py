@@ -17,6 +17,7 @@ MobileNetV3-Large ImageNet classifier (the backbone only), or an sfdaseg checkpo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -30,8 +31,9 @@ from sfdaseg.models.base import (
     WeightsError,
     load_state_dict_checked,
     load_weights,
-    logger,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _backbone_from_imagenet(

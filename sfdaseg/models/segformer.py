@@ -21,6 +21,7 @@ transformers version loads under another.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -35,8 +36,9 @@ from sfdaseg.models.base import (
     WeightsError,
     load_state_dict_checked,
     load_weights,
-    logger,
 )
+
+logger = logging.getLogger(__name__)
 
 # MiT encoder sizes (Xie et al. 2021, Table 6; the configs of nvidia/mit-b0 ... nvidia/mit-b5) and the
 # decoder width the paper uses with each (256 for B0/B1, 768 for B2-B5).

@@ -6,26 +6,78 @@ never read. A labelled validation split, when given, is used once, at the end, f
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from sfdaseg.config import AdaptConfig, to_dict
-from sfdaseg.data.transforms import build_eval_transform, build_train_transform, collate
-from sfdaseg.engine.checkpoint import load_model, save_model
+from sfdaseg.data.transforms import build_eval_transform, build_train_transform, collate, to_model_input
+from sfdaseg.models import load_model, save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
 from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
-from sfdaseg.engine.trainer import Trainer, log
-from sfdaseg.methods import RECIPES
-from sfdaseg.methods.common import AdaptContext
+from sfdaseg.engine.hooks import EvalHook, MonitorHook
+from sfdaseg.engine.trainer import Trainer
+from sfdaseg.losses import resize_logits
+from sfdaseg.methods import get_recipe
+from sfdaseg.methods.common import AdaptContext, OfflineLabelRequest
+from sfdaseg.offline_labels import OfflineLabelCache, WithOfflineLabels, build_offline_labels, model_fingerprint
+from sfdaseg.report import write_adapt_report
 from sfdaseg.runs.common import dataset_from_spec, evaluate_extra, evaluate_model, val_loaders
+from sfdaseg.selection import TargetMonitor
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SFDASEG_CACHE", Path.home() / ".cache" / "sfdaseg")) / "pseudo_labels"
+
+
+def target_datasets(model, request: OfflineLabelRequest | None, d, *, device: torch.device, is_main: bool = True,
+                    amp: str = "fp32", progress: bool = True, before_labelling=lambda: None,
+                    fingerprint_extra: dict | None = None) -> tuple[Dataset, Dataset]:
+    """The target datasets of a recipe: ``(training set with the random transform, native-size set)``.
+
+    ``d`` is an adapt data config (``target``, ``resize``, ``scale_range``, ``crop``, ``hflip``, ``on_error``,
+    ``synthetic``, ``cache_dir``, ``val_batch_size``, ``num_workers``). When the recipe asks for offline
+    pseudo-labels (``request``), rank 0 labels the target images with ``model`` into the cache first (or a finished
+    cache is read as it is), and both sets carry ``pl_label`` / ``pl_conf``. ``before_labelling`` runs once the
+    target images are known to be readable, before the (long) labelling pass: ``adapt`` creates its run folder
+    there. Labels of the target are never read.
+    """
+    train_tf = build_train_transform(resize=None if request else d.resize, scale_range=tuple(d.scale_range),
+                                     crop=d.crop, hflip=d.hflip, photometric=False)
+    if request is None:
+        train_ds = dataset_from_spec(d.target, with_labels=False, transform=train_tf, on_error=d.on_error,
+                                     synthetic=d.synthetic)
+        target_ctx = dataset_from_spec(d.target, with_labels=False, on_error=d.on_error, synthetic=d.synthetic)
+        before_labelling()
+        return train_ds, target_ctx
+    # The labeller sees the images at the training resolution (data.resize): the cached labels then line up with
+    # what the random crop/flip/scale of every step cuts out.
+    base = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
+                             on_error=d.on_error, synthetic=d.synthetic)
+    before_labelling()
+    if request.cache:  # a finished cache that other models wrote (e.g. an ensemble): read as it is
+        cache = OfflineLabelCache.from_folder(request.cache)
+        logger.info(f"offline pseudo-labels: {cache.folder} (given by method.offline_cache)")
+    else:
+        # The recipe's settings (what the confidence channel holds) key the cache, with the model and the data.
+        fingerprint = model_fingerprint(model, extra={
+            "scales": list(request.scales), "resize": d.resize, "target": d.target, "synthetic": d.synthetic,
+            **request.options, **(fingerprint_extra or {})})
+        cache = OfflineLabelCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), fingerprint=fingerprint)
+        if is_main:
+            logger.info(f"offline pseudo-labels: {cache.folder} (model {fingerprint[:12]})")
+            build_offline_labels(model, base, cache, device=device, batch_size=d.val_batch_size,
+                                 scales=tuple(request.scales), amp=amp, num_workers=d.num_workers,
+                                 progress=progress, **request.options)
+    barrier()
+    return WithOfflineLabels(base, cache, transform=train_tf), WithOfflineLabels(base, cache)
 
 
 def run_adapt(cfg: AdaptConfig) -> Path:
@@ -48,71 +100,34 @@ def run_adapt(cfg: AdaptConfig) -> Path:
     classes = info.classes
     model.to(device)
     d = cfg.data
-    recipe = RECIPES[cfg.recipe]
-    needs_offline = hasattr(method_cfg, "offline_scales")
-
-    train_tf = build_train_transform(resize=None if needs_offline else d.resize, scale_range=tuple(d.scale_range),
-                                     crop=d.crop, hflip=d.hflip, photometric=False)
-    if needs_offline:
-        from sfdaseg.offline_labels import OfflineLabelCache, WithOfflineLabels, build_offline_labels, model_fingerprint
-
-        # The labeller sees the images at the training resolution (data.resize): the cached labels then line up
-        # with what the random crop/flip/scale of every step cuts out.
-        base = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
-                                 on_error=d.on_error, synthetic=d.synthetic)
-        prepare()
-        # A recipe may store an uncertainty in the confidence channel (its settings key the cache), or bring a
-        # finished cache that other models wrote (e.g. an ensemble): that one is read as it is.
-        options = method_cfg.offline_label_options() if hasattr(method_cfg, "offline_label_options") else {}
-        if getattr(method_cfg, "offline_cache", None):
-            cache = OfflineLabelCache.from_folder(method_cfg.offline_cache)
-            log(f"offline pseudo-labels: {cache.folder} (given by method.offline_cache)", dist_info=dist_info)
-        else:
-            fingerprint = model_fingerprint(model, extra={
-                "scales": list(method_cfg.offline_scales), "resize": d.resize, "target": d.target,
-                "synthetic": d.synthetic, **options})
-            cache = OfflineLabelCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
-                                      fingerprint=fingerprint)
-            if dist_info.is_main:
-                log(f"offline pseudo-labels: {cache.folder} (model {fingerprint[:12]})")
-                build_offline_labels(model, base, cache, device=device, batch_size=d.val_batch_size,
-                                     scales=tuple(method_cfg.offline_scales), amp=cfg.train.amp,
-                                     num_workers=d.num_workers, progress=cfg.train.progress, **options)
-        barrier()
-        train_ds = WithOfflineLabels(base, cache, transform=train_tf)
-        target_ctx = WithOfflineLabels(base, cache)
-    else:
-        train_ds = dataset_from_spec(d.target, with_labels=False, transform=train_tf, on_error=d.on_error,
-                                     synthetic=d.synthetic)
-        target_ctx = dataset_from_spec(d.target, with_labels=False, on_error=d.on_error, synthetic=d.synthetic)
-        prepare()
-    log(f"adapt {cfg.recipe} ({recipe.summary}): {model.name} from {cfg.checkpoint}; target {d.target}: "
-        f"{len(train_ds)} images (labels not read); device {device}", dist_info=dist_info)
+    recipe = get_recipe(cfg.recipe)
+    train_ds, target_ctx = target_datasets(model, method_cfg.offline_labels(), d, device=device, is_main=dist_info.is_main,
+                                           amp=cfg.train.amp, progress=cfg.train.progress, before_labelling=prepare)
+    logger.info(f"adapt {cfg.recipe} ({recipe.summary}): {model.name} from {cfg.checkpoint}; target {d.target}: "
+                f"{len(train_ds)} images (labels not read); device {device}")
 
     torch.manual_seed(cfg.train.seed)  # recipe-owned modules (metric nets, proxies) start the same for a seed
     ctx = AdaptContext(model=model, classes=classes, device=device, export=cfg.export, target=target_ctx,
-                       run_dir=run_dir)
+                       run_dir=run_dir, iters=cfg.train.iters, is_main=dist_info.is_main)
     task = recipe.build(ctx, method_cfg)
 
     loaders = val_loaders(d, num_classes=classes.num_classes, device=device, owner="the model has")
 
-    evaluate = None
+    hooks = []
     if "val" in loaders:
-        def evaluate(m):
-            return evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()
+        hooks.append(EvalHook(lambda m: evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()))
 
     config = to_dict(cfg)
     meta = {"recipe": cfg.recipe, "source_checkpoint": str(cfg.checkpoint), "exported": cfg.export}
-    monitor = None
     if cfg.monitor.every >= 0 and dist_info.is_main:
         monitor = _build_monitor(cfg, model, classes, device, run_dir, config=config, meta=meta)
+        hooks.append(MonitorHook(monitor, every=max(cfg.monitor.every, 0)))
     trainer = Trainer(task, train_ds, train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size,
                       num_workers=d.num_workers, device=device, dist_info=dist_info, run_dir=run_dir,
-                      evaluate=evaluate, config=config, collate_fn=collate, monitor=monitor,
-                      monitor_every=max(cfg.monitor.every, 0),
+                      hooks=hooks, config=config, collate_fn=collate,
                       save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
     path = trainer.train(resume=cfg.train.resume)
-    if dist_info.is_main and hasattr(task, "extra_exports"):
+    if dist_info.is_main:
         # Models a recipe trains beside the delivered one (duda's large teacher): RUN/<name>.ckpt each, written
         # after model.ckpt and atomically like it, so a later `distill` or `evaluate` can use them.
         for name, net in task.extra_exports().items():
@@ -122,17 +137,13 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                              is_main=dist_info.is_main)
     if cfg.report and dist_info.is_main:
         report = _write_report(cfg, task.export_model(), classes, device, run_dir, loaders, results)
-        log(f"report: {report}")
+        logger.info(f"report: {report}")
     return path
 
 
 @torch.no_grad()
 def _write_report(cfg: AdaptConfig, adapted, classes, device, run_dir: Path, loaders: dict, extra_results: dict):
     """report.md / report.html: the source model is reloaded to show before vs after on the same images."""
-    from sfdaseg.data.transforms import to_model_input
-    from sfdaseg.losses import resize_logits
-    from sfdaseg.report import write_adapt_report
-
     d = cfg.data
     source = load_model(cfg.checkpoint, map_location="cpu")[0].to(device).eval()
     was_training = adapted.training
@@ -168,8 +179,6 @@ def _write_report(cfg: AdaptConfig, adapted, classes, device, run_dir: Path, loa
 
 def _build_monitor(cfg: AdaptConfig, model, classes, device, run_dir: Path, *, config: dict, meta: dict):
     """Target-only signals on the first ``monitor.images`` target images (no label is read)."""
-    from sfdaseg.selection import TargetMonitor
-
     d, m = cfg.data, cfg.monitor
     ds = dataset_from_spec(d.target, with_labels=False, transform=build_eval_transform(resize=d.resize),
                            on_error=d.on_error, synthetic=d.synthetic)
@@ -180,4 +189,4 @@ def _build_monitor(cfg: AdaptConfig, model, classes, device, run_dir: Path, *, c
             save_model(path, net, classes=classes, config=config, meta=meta)
     return TargetMonitor(images, source_model=model, num_classes=classes.num_classes, class_names=classes.names,
                          tau=m.tau, snd_pixels=m.snd_pixels, batch_size=m.batch_size, device=device,
-                         run_dir=run_dir, save_snapshot=save, log=log)
+                         run_dir=run_dir, save_snapshot=save)

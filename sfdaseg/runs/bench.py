@@ -18,6 +18,7 @@ Finished runs and scores are reused, so an interrupted bench continues where it 
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import statistics
@@ -27,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from sfdaseg.config import AdaptConfig, BenchConfig, EvalConfig, TrainSourceConfig, load_config, to_dict
-from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.models import load_model
 from sfdaseg.engine.distributed import resolve_device
-from sfdaseg.engine.trainer import log
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.runs.common import eval_loader, evaluate_model
 from sfdaseg.runs.train_source import run_train_source
 from sfdaseg.selection import SIGNAL_SIGN, SIGNALS, spearman
+
+logger = logging.getLogger(__name__)
 
 # recipe -> one row per removed or changed part: (label, overrides). Used with ``ablations=true``.
 ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
@@ -233,7 +235,7 @@ def run_bench(cfg: BenchConfig, *, command: str = "sfdaseg bench") -> Path:
             points = _signal_points(folder, scorer, src_score)
             if points:
                 signal_runs.append(points)
-            log(f"bench: {name} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()))
+            logger.info(f"bench: {name} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()))
         results[name] = {"recipe": recipe, "overrides": overrides, "seeds": list(range(seeds)), "runs": runs,
                          "wall_s": statistics.fmean(walls) if walls else float("nan")}
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from sfdaseg.config import ConfigError
 from sfdaseg.data.datasets import build_dataset, parse_dataset_spec
 from sfdaseg.data.transforms import build_eval_transform, collate
 from sfdaseg.engine.distributed import ShardSampler, get_dist_info
+from sfdaseg.evaluation import evaluate
+from sfdaseg.storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 def dataset_from_spec(spec: str, *, with_labels: bool, transform=None, on_error: str = "raise",
@@ -35,8 +43,6 @@ def eval_loader(spec: str, *, resize: tuple[int, int] | None, batch_size: int, n
 def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, device: torch.device, eval_cfg,
                    progress: bool = False) -> dict[str, Any]:
     """Metrics of ``model`` on ``loader`` (``.to_dict()`` gives ``miou``, ``per_class_iou``, ...)."""
-    from sfdaseg.evaluation import evaluate
-
     classes = loader.dataset.classes
     metrics = evaluate(
         model, loader, device=device, num_classes=classes.num_classes, ignore_index=classes.ignore_index,
@@ -54,8 +60,6 @@ def val_loaders(d, *, num_classes: int, device: torch.device,
     ``d`` is a data config with ``val``, ``val_extra``, ``val_resize``, ``val_batch_size``, ``num_workers``,
     ``on_error`` and ``synthetic``. A split with another number of classes is a ``ConfigError`` ("..., {owner} N").
     """
-    from sfdaseg.config import ConfigError
-
     loaders = {}
     for name, spec in ([("val", d.val)] if d.val else []) + [(s, s) for s in d.val_extra]:
         loader = eval_loader(spec, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
@@ -69,16 +73,12 @@ def val_loaders(d, *, num_classes: int, device: torch.device,
 def evaluate_extra(model: torch.nn.Module, loaders: dict[str, DataLoader], *, device: torch.device, eval_cfg,
                    run_dir, is_main: bool) -> dict[str, Any]:
     """Metrics of ``model`` on every loader but ``"val"`` (held-out domains); rank 0 writes ``eval_extra.json``."""
-    import json
-    from pathlib import Path
-
-    from sfdaseg.engine.trainer import log
 
     extra = {name: l for name, l in loaders.items() if name != "val"}
     results = {name: evaluate_model(model, loader, device=device, eval_cfg=eval_cfg).to_dict()
                for name, loader in extra.items()}
     if results and is_main:
-        (Path(run_dir) / "eval_extra.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(Path(run_dir) / "eval_extra.json", json.dumps(results, indent=2))
         for name, r in results.items():
-            log(f"{name}: mIoU {r['miou']:.2f}")
+            logger.info(f"{name}: mIoU {r['miou']:.2f}")
     return results

@@ -15,6 +15,7 @@ Only the oracle is trained with target labels, as the reference point; evaluatio
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from pathlib import Path
@@ -26,14 +27,15 @@ import yaml
 from sfdaseg.config import (AdaptConfig, AdaptDataConfig, ConfigError, DataConfig, DemoConfig, EvalConfig,
                             ModelConfig, OptimConfig, TrainConfig, TrainSourceConfig, to_dict)
 from sfdaseg.data.transforms import to_model_input
-from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.models import load_model
 from sfdaseg.engine.distributed import resolve_device
-from sfdaseg.engine.trainer import log
 from sfdaseg.losses import resize_logits
 from sfdaseg.report import per_class_table, prediction_figure
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
 from sfdaseg.runs.train_source import run_train_source
+
+logger = logging.getLogger(__name__)
 
 QUICK_ITERS = 60
 
@@ -95,12 +97,12 @@ def _stage(name: str, stage_cfg: Any, out: Path, run: Callable[[Any], Path]) -> 
         if old != new:
             raise ConfigError(f"{stage_dir}: holds a demo run with other settings; choose another --out")
         if (stage_dir / "model.ckpt").exists():
-            log(f"[demo] {name}: reusing {stage_dir / 'model.ckpt'}")
+            logger.info(f"[demo] {name}: reusing {stage_dir / 'model.ckpt'}")
             return stage_dir / "model.ckpt"
-    log(f"[demo] {name}: start")
+    logger.info(f"[demo] {name}: start")
     t0 = time.perf_counter()
     path = run(stage_cfg)
-    log(f"[demo] {name}: done in {time.perf_counter() - t0:.0f} s")
+    logger.info(f"[demo] {name}: done in {time.perf_counter() - t0:.0f} s")
     return path
 
 
@@ -201,6 +203,6 @@ def run_demo(cfg: DemoConfig) -> Path:
                "![pseudo-labels](pseudo_labels.png)", "",
                f"Total demo time: {time.perf_counter() - t_start:.0f} s on {device}."]
     (out / "report.md").write_text("\n".join(report) + "\n")
-    log(f"[demo] target val mIoU: source-only {so:.1f}, adapted ({cfg.recipe}) {ad:.1f}, oracle {orc:.1f}; "
+    logger.info(f"[demo] target val mIoU: source-only {so:.1f}, adapted ({cfg.recipe}) {ad:.1f}, oracle {orc:.1f}; "
         f"report: {out / 'report.md'}")
     return adapted

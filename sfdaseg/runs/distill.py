@@ -9,6 +9,7 @@ when given.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,11 +17,14 @@ import torch
 from sfdaseg.config import DistillConfig, to_dict
 from sfdaseg.data.transforms import build_train_transform, collate
 from sfdaseg.distill import DistillationTask, build_student, load_teachers
-from sfdaseg.engine.checkpoint import save_model
+from sfdaseg.models import save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
 from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
-from sfdaseg.engine.trainer import Trainer, log
+from sfdaseg.engine.hooks import EvalHook
+from sfdaseg.engine.trainer import Trainer
 from sfdaseg.runs.common import dataset_from_spec, evaluate_extra, evaluate_model, val_loaders
+
+logger = logging.getLogger(__name__)
 
 
 def run_distill(cfg: DistillConfig) -> Path:
@@ -44,16 +48,15 @@ def run_distill(cfg: DistillConfig) -> Path:
                                  synthetic=d.synthetic)
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
     init = f"from {cfg.student_checkpoint}" if cfg.student_checkpoint else "random init"
-    log(f"distill {len(teachers)} teacher(s) ({', '.join(str(t) for t in cfg.teachers)}) into {student.name} "
+    logger.info(f"distill {len(teachers)} teacher(s) ({', '.join(str(t) for t in cfg.teachers)}) into {student.name} "
         f"({n_params:.2f}M parameters, {init}); target {d.target}: {len(train_ds)} images (labels not read); "
-        f"T={cfg.temperature}; device {device}", dist_info=dist_info)
+        f"T={cfg.temperature}; device {device}")
 
     loaders = val_loaders(d, num_classes=classes.num_classes, device=device, owner="the teachers have")
 
-    evaluate = None
+    hooks = []
     if "val" in loaders:
-        def evaluate(m):
-            return evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()
+        hooks.append(EvalHook(lambda m: evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()))
 
     if dist_info.is_main:
         prepare_run_dir(run_dir, cfg=cfg, resume=cfg.train.resume, command="distill")
@@ -65,7 +68,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             "student_init": str(cfg.student_checkpoint) if cfg.student_checkpoint else "random"}
     trainer = Trainer(task, train_ds, train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size,
                       num_workers=d.num_workers, device=device, dist_info=dist_info, run_dir=run_dir,
-                      evaluate=evaluate, config=config, collate_fn=collate,
+                      hooks=hooks, config=config, collate_fn=collate,
                       save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
     path = trainer.train(resume=cfg.train.resume)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 from typing import Any
 
 from sfdaseg.config import ConfigError, EvaluateConfig
-from sfdaseg.engine.checkpoint import load_model
+from sfdaseg.models import load_model
 from sfdaseg.engine.distributed import get_dist_info, init_distributed
-from sfdaseg.engine.trainer import log
+from sfdaseg.evaluation.cost import format_cost, model_cost
 from sfdaseg.runs.common import eval_loader, evaluate_model
+
+logger = logging.getLogger(__name__)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -31,16 +34,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if get_dist_info().is_main:
         table = metrics.format_table()
         if cfg.cost:
-            from sfdaseg.evaluation.cost import format_cost, model_cost
-
             # The size of the first evaluation image after resizing: what one whole-image forward sees. The
             # latency passes stop after 30 s, so a large model on a CPU does not hold the evaluation up for minutes.
             size = tuple(loader.dataset[0]["image"].shape[-2:])
             result["cost"] = model_cost(model, size=size, device=device, amp=cfg.eval.amp, max_time_s=30.0)
             table += "\n" + format_cost(result["cost"])
-        log(table)
+        logger.info(table)
         if cfg.json:
             Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.json).write_text(json.dumps(result, indent=2))
-            log(f"wrote {cfg.json}")
+            logger.info(f"wrote {cfg.json}")
     return result

@@ -20,10 +20,9 @@ The class spec, model name and input contract travel in the ONNX metadata (key `
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfdaseg.config import ExportConfig
-from sfdaseg.engine.checkpoint import CheckpointError, load_model
-from sfdaseg.engine.trainer import log
+from sfdaseg.models import load_model
+from sfdaseg.storage import CheckpointError, atomic_output
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ONNX_METADATA_KEY", "ExportError", "ExportResult", "LogitsAtInputSize", "OnnxSegmenter", "compare_onnx",
            "export_checked", "export_onnx", "onnx_opset", "onnx_session", "run_export", "second_size"]
@@ -314,11 +315,8 @@ def export_checked(model: nn.Module, out: str | Path, *, size: Sequence[int], dy
     model = model.eval().to("cpu", torch.float32)
     size = (int(size[0]), int(size[1]))
     name = getattr(model, "name", type(model).__name__)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
     note = ""
-    try:
+    with atomic_output(out) as tmp:  # nothing reaches `out` unless the graph is written and checked
         def attempt(dyn: bool) -> tuple[list[tuple[int, int]], list[tuple[float, float]] | None, Exception | None]:
             meta = {**(metadata or {}), "dynamic_size": dyn, "size": list(size)}
             export_onnx(model, tmp, size=size, dynamic=dyn, opset=opset, exporter=exporter, metadata=meta)
@@ -356,10 +354,6 @@ def export_checked(model: nn.Module, out: str | Path, *, size: Sequence[int], dy
                 "difference is acceptable)"
             )
         opset_written = onnx_opset(tmp)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return ExportResult(path=out, dynamic=dynamic, opset=opset_written, max_abs_diff=max_diff, max_abs_logit=scale, sizes=tuple(sizes),
                         note=note)
 
@@ -377,14 +371,14 @@ def run_export(cfg: ExportConfig) -> str:
     result = export_checked(model, cfg.out, size=cfg.size, dynamic=cfg.dynamic, opset=cfg.opset,
                             tolerance=cfg.tolerance, check=cfg.check, exporter=cfg.exporter, metadata=metadata)
     if result.note:
-        log(f"export: note: {result.note}")
+        logger.info(f"export: note: {result.note}")
     shape = ("dynamic batch and image size" if result.dynamic
              else f"dynamic batch, fixed image size {cfg.size[0]}x{cfg.size[1]}")
-    log(f"export: {info.name} ({info.num_classes} classes) -> {result.path} (opset {result.opset}, {shape})")
+    logger.info(f"export: {info.name} ({info.num_classes} classes) -> {result.path} (opset {result.opset}, {shape})")
     if result.max_abs_diff is not None:
-        log(f"export: onnxruntime vs PyTorch on random inputs ({', '.join(f'{h}x{w}' for h, w in result.sizes)}): "
+        logger.info(f"export: onnxruntime vs PyTorch on random inputs ({', '.join(f'{h}x{w}' for h, w in result.sizes)}): "
             f"max abs diff {result.max_abs_diff:.3g} (tolerance {cfg.tolerance:g}; largest |logit| "
             f"{result.max_abs_logit:.3g})")
     else:
-        log("export: check=false: the graph was not compared with PyTorch")
+        logger.info("export: check=false: the graph was not compared with PyTorch")
     return str(result.path)

@@ -43,6 +43,7 @@ The final checkpoint's path is returned (the CLI prints it as the last line of s
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 from dataclasses import replace
@@ -54,11 +55,17 @@ import yaml
 from sfdaseg.config import (AdaptConfig, ConfigError, PipelineEnsembleConfig, from_dict, merge, nest,
                             parse_override, to_dict)
 from sfdaseg.data.transforms import build_eval_transform
+from sfdaseg.distill import check_same_classes, load_teachers
 from sfdaseg.engine.distributed import barrier, init_distributed
 from sfdaseg.engine.rundir import CONFIG_FILE, prepare_run_dir
-from sfdaseg.engine.trainer import MODEL_FILE, STATE_FILE, log
+from sfdaseg.engine.trainer import MODEL_FILE, STATE_FILE
+from sfdaseg.methods.unisfda import EnsembleLabeller
+from sfdaseg.offline_labels import OfflineLabelCache, build_offline_labels, model_fingerprint
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.runs.common import dataset_from_spec
+from sfdaseg.storage import atomic_write_text, read_checkpoint_info
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ENSEMBLE_MANIFEST", "run_pipeline", "stage_config"]
 
@@ -86,14 +93,12 @@ def stage_config(base: AdaptConfig, *, out: Path, checkpoint: str | Path, overri
     try:
         if overrides:
             layer = nest(dict(parse_override(o) for o in overrides))
-            from_dict(AdaptConfig, layer, source=where)  # names the stage when a key is wrong
+            from_dict(AdaptConfig, layer, source=where, validate=False)  # names the stage when a key is wrong
             data = merge(data, layer)
         method = data["method"]
         if kd_teachers and float(method.get("kd_weight") or 0.0) > 0 and not method.get("kd_teachers"):
             method["kd_teachers"] = list(kd_teachers)
-        cfg = from_dict(AdaptConfig, data, source=where)
-        cfg.validate()
-        cfg.method_config()
+        cfg = from_dict(AdaptConfig, data, source=where)  # validated, the recipe's method section included
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return cfg
@@ -128,9 +133,9 @@ def _run_stage(cfg: AdaptConfig, label: str) -> Path:
     if started:
         _check_stage_folder(folder, cfg, label)
     if (folder / MODEL_FILE).is_file():
-        log(f"{label}: finished earlier; reusing {folder / MODEL_FILE}")
+        logger.info(f"{label}: finished earlier; reusing {folder / MODEL_FILE}")
         return folder / MODEL_FILE
-    log(f"{label}: {'resuming the interrupted run in' if started else 'running in'} {folder}")
+    logger.info(f"{label}: {'resuming the interrupted run in' if started else 'running in'} {folder}")
     return run_adapt(replace(cfg, train=replace(cfg.train, resume=started)))
 
 
@@ -143,11 +148,6 @@ def _ensemble_stage(out: Path, members: list[tuple[str, Path]], student: AdaptCo
                     *, device, is_main: bool) -> Path:
     """Label every target image with the uncertainty-weighted ensemble of the adapted models; returns the cache
     folder (complete on return)."""
-    from sfdaseg.distill import check_same_classes, load_teachers
-    from sfdaseg.engine.checkpoint import read_checkpoint_info
-    from sfdaseg.methods.unisfda import EnsembleLabeller
-    from sfdaseg.offline_labels import OfflineLabelCache, build_offline_labels, model_fingerprint
-
     folder = out / "ensemble"
     d = student.data
     models, classes = load_teachers([p for _, p in members], device="cpu")
@@ -167,10 +167,10 @@ def _ensemble_stage(out: Path, members: list[tuple[str, Path]], student: AdaptCo
     except (OSError, ValueError, AttributeError):
         done = False
     if done and names is not None and cache.is_complete(list(names)):
-        log(f"ensemble: finished earlier; reusing {cache.folder}")
+        logger.info(f"ensemble: finished earlier; reusing {cache.folder}")
         return cache.folder
     if is_main:
-        log(f"ensemble: {len(models)} adapted models label {len(base)} target images into {cache.folder}")
+        logger.info(f"ensemble: {len(models)} adapted models label {len(base)} target images into {cache.folder}")
         labeller = EnsembleLabeller(models, passes=ens.mc_passes, measure=ens.measure, weighting=ens.weighting)
         build_offline_labels(labeller, base, cache, device=device, batch_size=ens.batch_size or d.val_batch_size,
                              amp=student.train.amp, num_workers=d.num_workers, progress=student.train.progress,
@@ -181,10 +181,8 @@ def _ensemble_stage(out: Path, members: list[tuple[str, Path]], student: AdaptCo
                        for (n, p), m, f in zip(members, models, fingerprints)],
             "settings": settings, "num_images": len(base),
         }
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(manifest_path)  # written last: its presence means the cache is complete
+        # Written last: its presence means the cache is complete.
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     barrier()
     return cache.folder
 
@@ -215,5 +213,5 @@ def run_pipeline(cfg: AdaptConfig) -> Path:
     members = [(name, _run_stage(c, f"stage 1 ({name})")) for name, c in aux_cfgs]
     cache = _ensemble_stage(out, members, student, pipe.ensemble, device=device, is_main=dist_info.is_main)
     final = _run_stage(replace(student, method={**student.method, "offline_cache": str(cache)}), "stage 2 (student)")
-    log(f"unisfda pipeline: stage 1 {', '.join(str(p) for _, p in members)}; ensemble {cache}; final {final}")
+    logger.info(f"unisfda pipeline: stage 1 {', '.join(str(p) for _, p in members)}; ensemble {cache}; final {final}")
     return final

@@ -6,7 +6,7 @@ For ``IMAGES/street/0001.jpg`` it writes, under ``OUT``::
     color/street/0001.png        the class colours
     overlay/street/0001.jpg      the colour mask blended over the image (``alpha``)
     confidence/street/0001.png   optional: the top class probability, 0..255
-    entropy/street/0001.png      optional: the prediction entropy divided by log(C), 0..255
+    entropy/street/0001.png      optional: the prediction entropy divided by logger.info(C), 0..255
 
 Images keep their native size. Those of the same size are batched (``batch_size``); an image whose longer
 side exceeds ``slide_above`` is segmented with a sliding window (``crop``, ``stride``), or every image with
@@ -19,6 +19,7 @@ waiting by the file system.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,8 +40,12 @@ from sfdaseg.config import ConfigError, PredictConfig
 from sfdaseg.data.classes import (CITYSCAPES_NAMES, CITYSCAPES_PALETTE, PROTOCOLS, TRAINID_TO_LABELID, ClassSpec,
                                   colorize)
 from sfdaseg.data.datasets import IMAGE_EXTENSIONS, DatasetError, DatasetWarning, decode_rgb
-from sfdaseg.engine.trainer import log
+from sfdaseg.engine.distributed import resolve_device
 from sfdaseg.evaluation.inference import predict_logits
+from sfdaseg.models import load_model
+from sfdaseg.runs.export import OnnxSegmenter
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PREDICT_EXTENSIONS", "Predictor", "list_images", "load_predictor", "prediction_classes", "id_table",
            "run_predict"]
@@ -144,8 +150,6 @@ class Predictor:
 
 
 def _resolve_device(name: str) -> torch.device:
-    from sfdaseg.engine.distributed import resolve_device
-
     try:
         return resolve_device(name)
     except (RuntimeError, ValueError) as e:
@@ -156,8 +160,6 @@ def load_predictor(path: str | Path, *, device: str = "auto") -> Predictor:
     """Load a checkpoint (``.pt`` / ``.safetensors``, via ``load_model``) or an ONNX file (``.onnx``)."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ONNX_SUFFIX:
-        from sfdaseg.runs.export import OnnxSegmenter
-
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
         model = OnnxSegmenter(path, device=device)
@@ -171,8 +173,6 @@ def load_predictor(path: str | Path, *, device: str = "auto") -> Predictor:
                               f"{model.num_classes}")
         return Predictor(model=model, device=torch.device("cpu"), classes=classes, num_classes=model.num_classes,
                          name=model.name, runtime=f"onnxruntime ({', '.join(model.providers)})")
-    from sfdaseg.engine.checkpoint import load_model
-
     dev = _resolve_device(device)
     model, info = load_model(path, map_location=dev)
     return Predictor(model=model, device=dev, classes=info.classes, num_classes=model.num_classes,
@@ -293,10 +293,6 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but the bar is not worth failing for
-        return None
     return tqdm(total=total, desc="predict", unit="img", dynamic_ncols=True, file=sys.stderr, disable=not enabled)
 
 
@@ -313,7 +309,7 @@ def run_predict(cfg: PredictConfig) -> str:
     table = id_table(classes, cfg.ids, protocol=cfg.protocol)
     out = Path(cfg.out).expanduser()
     files = list_images(cfg.images, exclude=out)
-    log(f"predict: {predictor.name} ({predictor.num_classes} classes, {predictor.runtime}) on {len(files)} "
+    logger.info(f"predict: {predictor.name} ({predictor.num_classes} classes, {predictor.runtime}) on {len(files)} "
         f"image(s) from {cfg.images} -> {out}")
 
     # Sizes from the headers, so that images of one size are decoded (and batched) one after the other.
@@ -376,8 +372,7 @@ def run_predict(cfg: PredictConfig) -> str:
         while len(pending) > 4 * cfg.batch_size:
             pending.pop(0).result()
         done += len(batch)
-        if bar is not None:
-            bar.update(len(batch))
+        bar.update(len(batch))
 
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -387,8 +382,7 @@ def run_predict(cfg: PredictConfig) -> str:
                 if sample["error"] is not None:
                     _problem(sample["error"], cfg.on_error)
                     skipped += 1
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
                     continue
                 image = sample["image"]
                 if batch and (len(batch) == cfg.batch_size or batch[0][1].shape != image.shape):
@@ -400,10 +394,9 @@ def run_predict(cfg: PredictConfig) -> str:
             for f in pending:
                 f.result()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - start
     rate = done / seconds if seconds > 0 else float("inf")
     skipped_note = f", {skipped} skipped (unreadable)" if skipped else ""
-    log(f"predict: {done} image(s){skipped_note} in {seconds:.2f} s ({rate:.2f} images/s) -> {out}")
+    logger.info(f"predict: {done} image(s){skipped_note} in {seconds:.2f} s ({rate:.2f} images/s) -> {out}")
     return str(out)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from sfdaseg.config import ConfigError, TrainSourceConfig, to_dict
 from sfdaseg.data.transforms import build_train_transform, collate
-from sfdaseg.engine.checkpoint import save_model
+from sfdaseg.models import save_model
 from sfdaseg.engine.distributed import barrier, init_distributed
 from sfdaseg.engine.rundir import check_run_dir, prepare_run_dir
-from sfdaseg.engine.trainer import Trainer, log
+from sfdaseg.engine.hooks import EvalHook
+from sfdaseg.engine.trainer import Trainer
 from sfdaseg.methods.source import SupervisedSegmentation
 from sfdaseg.models import build_model
 from sfdaseg.runs.common import dataset_from_spec, eval_loader, evaluate_model
+
+logger = logging.getLogger(__name__)
 
 
 def run_train_source(cfg: TrainSourceConfig) -> Path:
@@ -33,11 +37,10 @@ def run_train_source(cfg: TrainSourceConfig) -> Path:
     torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed (and on every rank)
     model = build_model(cfg.model.name, num_classes=classes.num_classes, weights=cfg.model.weights,
                         **cfg.model.options)
-    log(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"train set {d.train}: {len(train_ds)} images, {classes.num_classes} classes; device {device}",
-        dist_info=dist_info)
+    logger.info(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"train set {d.train}: {len(train_ds)} images, {classes.num_classes} classes; device {device}")
 
-    evaluate = None
+    hooks = []
     if d.val is not None:
         loader = eval_loader(d.val, resize=d.val_resize, batch_size=d.val_batch_size, num_workers=d.num_workers,
                              on_error=d.on_error, synthetic=d.synthetic, pin_memory=device.type == "cuda")
@@ -45,8 +48,7 @@ def run_train_source(cfg: TrainSourceConfig) -> Path:
             raise ConfigError(f"data.val: {d.val} has {loader.dataset.classes.num_classes} classes, the training "
                               f"set {d.train} has {classes.num_classes}")
 
-        def evaluate(m):
-            return evaluate_model(m, loader, device=device, eval_cfg=cfg.eval).to_dict()
+        hooks.append(EvalHook(lambda m: evaluate_model(m, loader, device=device, eval_cfg=cfg.eval).to_dict()))
 
     # The run folder is created once the data and the model are known to be usable: a run refused for bad input
     # leaves no folder behind that would block the corrected command.
@@ -57,7 +59,7 @@ def run_train_source(cfg: TrainSourceConfig) -> Path:
     trainer = Trainer(
         SupervisedSegmentation(model, ignore_index=classes.ignore_index), train_ds,
         train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size, num_workers=d.num_workers,
-        device=device, dist_info=dist_info, run_dir=run_dir, evaluate=evaluate, config=config,
+        device=device, dist_info=dist_info, run_dir=run_dir, hooks=hooks, config=config,
         save_model=lambda path, m: save_model(path, m, classes=classes, config=config), collate_fn=collate,
     )
     return trainer.train(resume=cfg.train.resume)

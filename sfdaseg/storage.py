@@ -1,4 +1,10 @@
-"""One checkpoint format for the whole library: atomic writes, weights-only reads.
+"""Files that must never be half-written or run code: atomic writes, weights-only reads, the checkpoint format.
+
+One module for every file sfdaseg writes or reads back: model checkpoints, training states, the offline
+pseudo-label cache, run configs, ONNX files. Writers go through :func:`atomic_write` (temporary file in the
+destination folder, flush, fsync, ``os.replace``, fsync of the folder), so a crash or a full disk never leaves a
+half-written file under the real name; readers of torch files go through :func:`safe_load`
+(``torch.load(weights_only=True)``), so loading a file never runs code from it.
 
 A model checkpoint is a dict of tensors and plain Python data only::
 
@@ -14,10 +20,8 @@ A model checkpoint is a dict of tensors and plain Python data only::
 
 It is written either as a torch file (``.pt``, read back with ``torch.load(weights_only=True)``) or as
 ``.safetensors`` (the same dict minus ``state_dict`` as JSON in the header metadata under ``"sfdaseg"``).
-Files are written to a temporary file in the destination folder, fsync'ed and renamed over the target, so a
-crash or a full disk never leaves a half-written checkpoint under the real name.
-
-Training-state files of the trainer use :func:`atomic_save` / :func:`safe_load` directly.
+Building a model from a checkpoint needs the model registry: :func:`sfdaseg.models.load_model` and
+:func:`sfdaseg.models.save_model` sit above this module (it imports nothing of the models).
 """
 
 from __future__ import annotations
@@ -34,13 +38,12 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import torch
-from torch import nn
 
 from sfdaseg.data.classes import ClassSpec
-from sfdaseg.models.base import Normalization, SegmentationModel, WeightsError, unwrap_model
+from sfdaseg.normalization import Normalization
 
 
 FORMAT = "sfdaseg"
@@ -110,7 +113,14 @@ class _ErrorKeepingWriter:
         return getattr(self._f, name)
 
 
-def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable: bool = True) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, then ``os.replace``.
+
+    ``durable`` also fsyncs the file and the folder (a power cut cannot lose the rename); the offline label cache
+    writes thousands of small entries without it (a torn entry fails to decode and is rebuilt). On failure (e.g.
+    ``OSError(ENOSPC)``) the temporary file is removed, a previous file at ``path`` stays intact, and the error is
+    re-raised naming ``path``; a non-OS error becomes a :class:`CheckpointError`. Returns ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -123,7 +133,8 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             writer = _ErrorKeepingWriter(f)
             write(writer)  # type: ignore[arg-type]
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         # The previous file (if any) is untouched: only the temporary file is removed.
@@ -139,8 +150,29 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         if isinstance(e, Exception):
             raise CheckpointError(f"could not write {path}: {type(e).__name__}: {e}{kept}") from e
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """For writers that take a file *name* (an ONNX exporter): yields a temporary path in ``path``'s folder that is
+    renamed over ``path`` (fsync'ed) when the block succeeds and removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -149,7 +181,17 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     On failure (e.g. ``OSError(ENOSPC)``) the temporary file is removed, a previous file at ``path`` stays
     intact, and the error is re-raised naming ``path``. Returns ``path``.
     """
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
+    """``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data), durable=durable)
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
+    """UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,7 +434,7 @@ class CheckpointInfo:
         )
 
 
-def _to_plain(value: Any, where: str) -> Any:
+def to_plain(value: Any, where: str) -> Any:
     """A copy made of dict / list / tuple / str / int / float / bool / None, or a TypeError naming the key."""
     if value is None or type(value) in (str, int, float, bool):
         return value
@@ -417,84 +459,34 @@ def _to_plain(value: Any, where: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"{where}: keys must be strings, found {k!r} ({type(k).__name__})")
-            out[k] = _to_plain(v, f"{where}.{k}")
+            out[k] = to_plain(v, f"{where}.{k}")
         return out
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     raise TypeError(
         f"{where}: checkpoints hold only plain data (dict, list, str, int, float, bool, None), "
         f"found a {type(value).__name__}"
     )
 
 
-def _library_versions(model: SegmentationModel) -> dict[str, str]:
-    versions = {"torch": str(torch.__version__)}  # TorchVersion is a str subclass: not plain data
-    try:
-        from importlib.metadata import version
+def write_checkpoint(path: str | Path, header: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
+                     format: str | None = None) -> Path:  # noqa: A002 - the natural name for the file format
+    """Write a checkpoint (``header`` = everything but the tensors, plain data) atomically; returns the path.
 
-        versions["sfdaseg"] = version("sfdaseg")
-    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
-        pass
-    if model.name.startswith("segformer"):
-        import transformers
-
-        versions["transformers"] = str(transformers.__version__)
-    return versions
-
-
-def save_model(
-    path: str | Path,
-    model: nn.Module,
-    *,
-    classes: ClassSpec | Mapping,
-    config: Mapping | None = None,
-    meta: Mapping | None = None,
-    format: str | None = None,  # noqa: A002 - the natural name for the file format
-) -> Path:
-    """Write a model checkpoint atomically; returns the path written.
-
-    Args:
-        path: destination; ``format`` defaults to ``"safetensors"`` for a ``.safetensors`` suffix, else ``"pt"``.
-        model: a :class:`SegmentationModel` (DDP / ``torch.compile`` wrappers are unwrapped).
-        classes: the class spec of the model's output channels (``C`` names).
-        config: the resolved run config (plain data).
-        meta: anything else plain (step, metrics); library versions are added under ``"saved_with"``.
-        format: ``"pt"`` or ``"safetensors"``; with ``"safetensors"`` the suffix becomes ``.safetensors``.
+    ``format`` defaults to ``"safetensors"`` for a ``.safetensors`` suffix, else ``"pt"``; with ``"safetensors"``
+    the suffix becomes ``.safetensors``.
     """
     path = Path(path).expanduser()
-    model = unwrap_model(model)
-    if not isinstance(model, SegmentationModel):
-        raise TypeError(f"save_model: expected a SegmentationModel, got {type(model).__name__}")
-    if not isinstance(classes, ClassSpec):
-        classes = ClassSpec.from_dict(classes)
-    if classes.num_classes != model.num_classes:
-        raise ValueError(
-            f"save_model({path}): the class spec has {classes.num_classes} classes but model "
-            f"{model.name!r} outputs {model.num_classes}"
-        )
     fmt = format or ("safetensors" if path.suffix == SAFETENSORS_SUFFIX else "pt")
     if fmt not in ("pt", "safetensors"):
-        raise ValueError(f"save_model: format must be 'pt' or 'safetensors', got {fmt!r}")
+        raise ValueError(f"write_checkpoint: format must be 'pt' or 'safetensors', got {fmt!r}")
     if fmt == "safetensors" and path.suffix != SAFETENSORS_SUFFIX:
         path = path.with_name(path.name + SAFETENSORS_SUFFIX) if path.suffix != ".pt" else path.with_suffix(
             SAFETENSORS_SUFFIX
         )
-
-    meta_plain = _to_plain(dict(meta or {}), "meta")
-    meta_plain.setdefault("saved_with", _library_versions(model))
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": {"name": model.name, "build_args": _to_plain(model.build_args, "model.build_args")},
-        "classes": classes.to_dict(),
-        "normalization": model.normalization.to_dict(),
-        "config": _to_plain(dict(config), "config") if config is not None else None,
-        "meta": meta_plain,
-    }
-    state = {k: v.detach().cpu() for k, v in model.checkpoint_state_dict().items()}
-
+    header = {"format": FORMAT, "version": VERSION, **header}
     if fmt == "pt":
-        return atomic_save({**header, "state_dict": state}, path)
+        return atomic_save({**header, "state_dict": dict(state)}, path)
 
     from safetensors.torch import save as safetensors_bytes
 
@@ -508,7 +500,7 @@ def save_model(
         seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
     payload = safetensors_bytes(tensors, metadata={"format": "pt", _SAFETENSORS_KEY: json.dumps(header)})
-    return _atomic_write(path, lambda f: f.write(payload))
+    return atomic_write_bytes(path, payload)
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -558,45 +550,3 @@ def _safetensors_header(path: Path, metadata: Mapping[str, str]) -> dict:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the sfdaseg metadata in the safetensors header is not a JSON object")
     return header
-
-
-def load_model(
-    path: str | Path,
-    *,
-    map_location: Any = "cpu",
-    num_classes: int | None = None,
-    name: str | None = None,
-) -> tuple[SegmentationModel, CheckpointInfo]:
-    """Rebuild a model from a checkpoint (``.pt`` or ``.safetensors``) and load its weights strictly.
-
-    The architecture is rebuilt with ``build_model(name, **build_args)`` (nothing is downloaded). The model is
-    returned in eval mode on ``map_location``.
-
-    Args:
-        num_classes, name: when given, the checkpoint must match them (error naming the file and both values).
-    """
-    from sfdaseg.models.factory import build_model
-
-    path = Path(path).expanduser()
-    obj = safe_load(path, "cpu")
-    info = CheckpointInfo.from_checkpoint(obj, path=path)
-    if name is not None and name != info.name:
-        raise CheckpointError(f"{path} holds model {info.name!r}, but model {name!r} was expected")
-    if num_classes is not None and int(num_classes) != info.num_classes:
-        raise CheckpointError(
-            f"{path} holds a model with {info.num_classes} classes, but num_classes={num_classes} was expected"
-        )
-    try:
-        model = build_model(info.name, **info.build_args)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"{path}: cannot rebuild model {info.name!r} from build_args {info.build_args}: {e}"
-        ) from e
-    model.set_normalization(info.normalization)
-    try:
-        model.load_checkpoint_state_dict(obj["state_dict"], source=path)
-    except WeightsError as e:
-        raise CheckpointError(str(e)) from e
-    model.to(map_location)
-    model.eval()
-    return model, info
