@@ -521,30 +521,42 @@ def make_layout(size: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         cy = rng.uniform(hz + 0.1 * H, H)
         d.polygon(_blob(rng.uniform(0, W), cy, rng.uniform(0.1, 0.35) * W, rng.uniform(0.05, 0.15) * H, rng),
                   fill=other)
+    if rng.random() < 0.3:  # a rock outcrop rising from one side
+        side = rng.random() < 0.5
+        xe = rng.uniform(0.2, 0.5) * W
+        top = hz - rng.uniform(0.05, 0.3) * H
+        pts = [(0.0, H), (0.0, top), (xe * 0.6, top + rng.uniform(0, 0.1) * H), (xe, hz + rng.uniform(0.1, 0.4) * H),
+               (xe * 1.2, H)]
+        d.polygon([(W - x, y) if side else (x, y) for x, y in pts], fill=ROCK)
     for _ in range(int(rng.integers(0, 4))):  # boulders
-        r = rng.uniform(0.04, 0.14) * H
+        r = rng.uniform(0.06, 0.18) * H
         d.polygon(_blob(rng.uniform(0, W), rng.uniform(hz + r * 0.5, H), r * rng.uniform(0.9, 1.6), r, rng),
                   fill=ROCK)
     for _ in range(int(rng.integers(0, 4))):  # trees
         x, yb = rng.uniform(0, W), rng.uniform(hz + 0.05 * H, H + 0.05 * H)
-        tw, th = rng.uniform(0.025, 0.07) * W, rng.uniform(0.2, 0.5) * H
+        tw, th = rng.uniform(0.05, 0.12) * W, rng.uniform(0.2, 0.5) * H
         d.rectangle([x - tw / 2, yb - th, x + tw / 2, yb], fill=WOOD)
-        r = rng.uniform(0.08, 0.2) * H
+        r = rng.uniform(0.1, 0.22) * H
         d.polygon(_blob(x, yb - th, r * rng.uniform(0.8, 1.3), r, rng), fill=VEGETATION)
-    if rng.random() < 0.35:  # a wooden fence (posts and rails) or a jetty (planks)
+    if rng.random() < 0.5:  # a wooden fence (posts and rails), a jetty (planks) or a cabin wall
         y = rng.uniform(hz + 0.1 * H, 0.95 * H)
         x0, x1 = sorted(rng.uniform(-0.2 * W, 1.2 * W, 2))
-        if rng.random() < 0.5:
-            ph = rng.uniform(0.1, 0.25) * H
+        kind = rng.random()
+        if kind < 0.35:
+            ph = rng.uniform(0.12, 0.28) * H
             for k in range(2):
                 yy = y - ph * (0.3 + 0.45 * k)
-                d.rectangle([x0, yy - 0.012 * H, x1, yy + 0.012 * H], fill=WOOD)
-            step = rng.uniform(0.08, 0.2) * W
+                d.rectangle([x0, yy - 0.02 * H, x1, yy + 0.02 * H], fill=WOOD)
+            step = rng.uniform(0.1, 0.22) * W
             for px in np.arange(x0, x1 + 1, step):
-                d.rectangle([px - 0.012 * W, y - ph, px + 0.012 * W, y], fill=WOOD)
+                d.rectangle([px - 0.018 * W, y - ph, px + 0.018 * W, y], fill=WOOD)
+        elif kind < 0.65:
+            d.polygon([(x0, y), (x1, y), (x1 + 0.1 * W, y + rng.uniform(0.08, 0.25) * H),
+                       (x0 - 0.1 * W, y + rng.uniform(0.08, 0.25) * H)], fill=WOOD)
         else:
-            d.polygon([(x0, y), (x1, y), (x1 + 0.1 * W, y + rng.uniform(0.06, 0.2) * H),
-                       (x0 - 0.1 * W, y + rng.uniform(0.06, 0.2) * H)], fill=WOOD)
+            cw, ch = rng.uniform(0.2, 0.45) * W, rng.uniform(0.15, 0.35) * H
+            cx = rng.uniform(0, W)
+            d.rectangle([cx - cw / 2, y - ch, cx + cw / 2, y], fill=WOOD)
     return np.asarray(im)
 
 
@@ -668,15 +680,15 @@ def camera_effects(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     r2 = ((yy - H / 2) / (H / 2)) ** 2 + ((xx - W / 2) / (W / 2)) ** 2
     x = x * (1.0 - rng.uniform(0.0, 0.35) * r2 / 2)[:, :, None]
     im = Image.fromarray(np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))
-    sigma = rng.uniform(0.0, 1.1)
+    sigma = rng.uniform(0.0, 0.9)
     if sigma > 0.25:
         im = im.filter(ImageFilter.GaussianBlur(sigma))
     x = np.asarray(im).astype(np.float32) / 255.0
-    shot, read = rng.uniform(0.0, 0.02), rng.uniform(0.003, 0.02)
+    shot, read = rng.uniform(0.0, 0.01), rng.uniform(0.002, 0.012)
     x = x + rng.normal(0.0, 1.0, x.shape).astype(np.float32) * np.sqrt(shot * x + read ** 2)
     im = Image.fromarray(np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=int(rng.integers(35, 91)))
+    im.save(buf, format="JPEG", quality=int(rng.integers(50, 96)))
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 

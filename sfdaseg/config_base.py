@@ -28,9 +28,16 @@ import yaml
 T = TypeVar("T")
 
 __all__ = [
-    "ConfigError", "choices", "from_dict", "load_config", "load_yaml", "merge", "nest", "parse_override",
+    "ConfigError", "Section", "choices", "from_dict", "load_config", "load_yaml", "merge", "nest", "parse_override",
     "positive", "suggest", "to_dict", "to_yaml", "validate_tree",
 ]
+
+
+class Section:
+    """Optional base of a config dataclass: a cooperative ``validate()`` (mixins call ``super().validate()``)."""
+
+    def validate(self) -> None:
+        pass
 
 
 class ConfigError(ValueError):

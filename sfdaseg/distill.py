@@ -299,7 +299,10 @@ class DistillationTask(TaskBase):
             del logits
             xs = photometric_augment(x) if self.photometric else x
         s = resize_logits(self.net(xs), tuple(x.shape[-2:]))
-        loss_kd = kd_loss(s, p_t, temperature=self.temperature)
+        valid = batch.get("valid")  # 0 on crop padding: the teachers' output there teaches nothing
+        if valid is not None:
+            label = torch.where(valid.bool(), label, self.ignore)
+        loss_kd = kd_loss(s, p_t, temperature=self.temperature, pixel_weight=None if valid is None else valid.float())
         loss = self.kd_weight * loss_kd
         logs = {"loss_kd": loss_kd.detach(), "teacher_conf": conf.mean()}
         if self.ce_weight > 0:

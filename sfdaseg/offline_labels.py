@@ -344,13 +344,18 @@ def mc_certainty(result: McDropoutResult, *, measure: str = "entropy") -> torch.
     raise ValueError(f"mc_certainty: measure must be one of {', '.join(MEASURES)}, got {measure!r}")
 
 
+FUSIONS = ("probs", "logits")
+
+
 def _label_image(model: nn.Module, images: torch.Tensor, *, scales: Sequence[float], resize: tuple[int, int] | None,
                  amp_dtype: torch.dtype | None, uncertainty: str | None = None, mc_passes: int = 8,
-                 measure: str = "entropy", generator: torch.Generator | None = None
+                 measure: str = "entropy", generator: torch.Generator | None = None, fusion: str = "probs"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``(B, 3, H, W)`` on the device -> label uint8 ``(B, H, W)`` and conf uint8 ``(B, H, W)``.
 
     ``conf`` is the max of the fused probabilities, or with ``uncertainty`` the certainty averaged over scales.
+    ``fusion="logits"`` fuses the upsampled logits by their maximum and then takes the softmax (DiGA's official
+    code); ``"probs"`` the maximum of each scale's softmax (MC-dropout labels always fuse probabilities).
     """
     x = to_model_input(images)
     h, w = x.shape[-2:]
@@ -370,9 +375,13 @@ def _label_image(model: nn.Module, images: torch.Tensor, *, scales: Sequence[flo
             with amp_ctx:
                 logits = model(xs)
             logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            if fusion == "logits":
+                fused_logits = logits if fused is None else torch.maximum(fused_logits, logits)
+                fused = torch.softmax(fused_logits, dim=1)  # after every scale: the softmax of the max so far
             probs = torch.softmax(logits, dim=1)
             cert = entropy_certainty(probs) if uncertainty == "entropy" else None
-        fused = probs if fused is None else torch.maximum(fused, probs)
+        if uncertainty == "mc_dropout" or fusion == "probs":
+            fused = probs if fused is None else torch.maximum(fused, probs)
         if cert is not None:
             certainty = cert if certainty is None else certainty + cert
     assert fused is not None
@@ -398,14 +407,15 @@ def build_offline_labels(
     uncertainty: str | None = None,
     mc_passes: int = 8,
     measure: str = "entropy",
+    fusion: str = "probs",
 ) -> None:
     """Label every image of ``dataset`` with ``model`` and store the labels in ``cache``.
 
     For each image (uint8 ``(3, H, W)``, at its native size) and each scale ``s``, the input (resized to
-    ``resize`` ``(H', W')`` first when given) is rescaled by ``s``, the logits are upsampled bilinearly to
-    ``(H, W)`` and turned into softmax probabilities; the scales are fused by the element-wise **maximum** of
-    these probabilities (DiGA's multi-scale max fusion; not renormalised). ``label = argmax`` and
-    ``conf = max`` of the fused map, stored as uint8 PNGs at ``(H, W)``.
+    ``resize`` ``(H', W')`` first when given) is rescaled by ``s`` and the logits are upsampled bilinearly to
+    ``(H, W)``; the scales are fused by the element-wise **maximum**, of the softmax probabilities
+    (``fusion="probs"``; not renormalised) or of the logits, followed by one softmax (``fusion="logits"``, DiGA's
+    official code). ``label = argmax`` and ``conf = max`` of the fused map, stored as uint8 PNGs at ``(H, W)``.
 
     Valid entries already in the cache are skipped (an interrupted build resumes); missing, corrupt or stale
     ones are (re)computed. The manifest is written at the end. The model is put in eval mode (and moved to
@@ -435,6 +445,8 @@ def build_offline_labels(
                          f"{', '.join(MEASURES)}, got {mc_passes!r} and {measure!r}")
     if amp not in AMP_DTYPES:
         raise ValueError(f"build_offline_labels: amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"build_offline_labels: fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     scales = tuple(float(s) for s in scales)
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"build_offline_labels: scales must be positive numbers, got {scales}")
@@ -493,7 +505,8 @@ def build_offline_labels(
                     generator = torch.Generator(device=device).manual_seed(0)
                 label, conf = _label_image(model, group.to(device, non_blocking=True), scales=scales,
                                            resize=resize, amp_dtype=amp_dtype, uncertainty=uncertainty,
-                                           mc_passes=mc_passes, measure=measure, generator=generator)
+                                           mc_passes=mc_passes, measure=measure, generator=generator,
+                                           fusion=fusion)
                 label, conf = label.cpu(), conf.cpu()  # I/O: the labels go to disk
                 for j, name in enumerate(group_names):
                     cache.put(name, label[j], conf[j])
@@ -504,7 +517,7 @@ def build_offline_labels(
         model.train(was_training)
         if move:
             model.to(old_device)
-    info: dict[str, Any] = {"scales": list(scales), "resize": list(resize) if resize else None}
+    info: dict[str, Any] = {"scales": list(scales), "resize": list(resize) if resize else None, "fusion": fusion}
     if uncertainty is not None:
         info["conf"] = {"uncertainty": uncertainty, **({"mc_passes": mc_passes, "measure": measure}
                                                        if uncertainty == "mc_dropout" else {})}

@@ -10,7 +10,9 @@ Every selection / weighting policy maps ``(conf, label)`` to ``(label, weight)``
 * ``label`` ``(B, H, W)`` long: the teacher's argmax (``ignore_index`` allowed, e.g. crop padding);
 * the returned ``label`` is ``label`` with ``ignore_index`` where the policy drops a pixel, and ``weight``
   ``(B, H, W)`` float in ``[0, 1]`` is the pixel's loss weight. In every policy the weight is 0 wherever the
-  returned label is ``ignore_index``, so a weighted mean ``sum(w * ce) / sum(w)`` never counts dropped pixels.
+  returned label is ``ignore_index``. The recipes normalise the weighted loss over the labelled pixels
+  (``seg_cross_entropy(normalize="valid")``): a 0/1 selection gives the mean over the kept pixels and the
+  confidence-ratio weight scales the loss, as in DAFormer.
 """
 
 from __future__ import annotations
@@ -298,6 +300,42 @@ class PrototypeMemory(nn.Module):
         moved = torch.where(self.initialized[:, None], (1.0 - self.momentum) * cen + self.momentum * mean, mean)
         cen.copy_(torch.where(present[:, None], moved, cen))
         self.initialized.logical_or_(present)
+
+    @torch.no_grad()
+    def update_per_image(self, features: Tensor, labels: Tensor, *, min_pixels: int = 5) -> None:
+        """DiGA's update: one momentum step per image and class, in batch order (then rank order under DDP).
+
+        For image ``b`` and each class ``c`` with at least ``min_pixels`` pixels labelled ``c``, the centroid
+        moves by ``momentum`` towards that image's class mean; a class seen for the first time takes the mean. Under
+        DDP the per-image means of every rank are gathered first, so all ranks apply the same sequence.
+
+        Args:
+            features: ``(B, D, h, w)``; labels: ``(B, h, w)`` (resized by nearest neighbour when another size).
+        """
+        self._check_features(features, "update_per_image")
+        if labels.shape[-2:] != features.shape[-2:]:
+            labels = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0]
+        c, d = self.num_classes, self.dim
+        b = features.shape[0]
+        lab = labels.long().reshape(b, -1)
+        bucket = torch.where((lab >= 0) & (lab < c), lab, c)  # (B, N)
+        f = features.detach().float().permute(0, 2, 3, 1).reshape(b, -1, d)  # (B, N, D)
+        ones = torch.ones(b, f.shape[1], 1, dtype=f.dtype, device=f.device)
+        sums = torch.zeros(b, c + 1, d + 1, device=f.device).scatter_add_(
+            1, bucket[..., None].expand(-1, -1, d + 1), torch.cat([f, ones], dim=2))[:, :c]  # (B, C, D + 1)
+        if self.sync_distributed and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            gathered = [torch.empty_like(sums) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, sums.contiguous())
+            sums = torch.cat(gathered)  # (world * B, C, D + 1), rank order
+        cen = self.centroids
+        for per_image in sums:  # a short loop over images (no host sync): DiGA's order of updates
+            counts = per_image[:, d]
+            mean = per_image[:, :d] / counts.clamp_min(1.0)[:, None]
+            present = counts >= min_pixels
+            moved = torch.where(self.initialized[:, None], (1.0 - self.momentum) * cen + self.momentum * mean, mean)
+            cen.copy_(torch.where(present[:, None], moved, cen))
+            self.initialized.logical_or_(present)
 
     def similarity(self, features: Tensor) -> Tensor:
         """Similarity of every pixel to every centroid: ``(B, D, h, w)`` -> ``(B, C, h, w)`` float32.

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config_base import ConfigError, choices
+from sfdaseg.config_base import ConfigError, Section, choices
 from sfdaseg.style import STYLE_KINDS, StyleConfig, build_style_augment
 
 __all__ = ["StrongView", "StrongViewConfig"]
 
 
 @dataclass
-class StrongViewConfig:
+class StrongViewConfig(Section):
     """The strong-view keys of a recipe's ``method:`` section (see the module docstring)."""
 
     classmix: bool = True  # target-to-target ClassMix
@@ -44,6 +44,7 @@ class StrongViewConfig:
     style_alpha: float | None = 1.0  # weight of the donor's style (1: full swap); null: U(0, 1) per image
 
     def validate(self) -> None:
+        super().validate()
         if not 0.0 <= self.jitter <= 1.0:
             raise ConfigError(f"method.jitter: expected a strength in [0, 1], got {self.jitter}")
         if not 0.0 <= self.hue <= 0.5:

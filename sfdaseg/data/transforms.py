@@ -20,6 +20,7 @@ __all__ = [
     "MASK_KEYS",
     "PairedTransform",
     "RandomScale",
+    "RandomScaleKeepSize",
     "Resize",
     "build_eval_transform",
     "build_train_transform",
@@ -97,17 +98,59 @@ class RandomScale(_ResizeBoth):
     _transform = transform
 
 
+class RandomScaleKeepSize(RandomScale):
+    """Random scale, then a random crop (or padding: image 0, mask 255) back to the size before scaling.
+
+    What training does without ``crop``: every sample keeps its (resized) size, so a dataset of one image size
+    stacks into batches, while the content is still seen at random scales.
+    """
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        params = super().make_params(flat_inputs)
+        sh, sw = params["size"]
+        # Where the original-size window sits in the scaled image (crop), or where the image sits in the window
+        # (pad); drawn from torch's RNG like the scale.
+        u = torch.rand(2)
+        params["top"] = int(u[0] * (abs(sh - height) + 1)) if sh != height else 0
+        params["left"] = int(u[1] * (abs(sw - width) + 1)) if sw != width else 0
+        params["out"] = (height, width)
+        return params
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        out = self._resize(inpt, params["size"])
+        (h, w), (sh, sw) = params["out"], params["size"]
+        top, left = params["top"], params["left"]
+        if sh >= h and sw >= w:
+            return F.crop(out, top=top, left=left, height=h, width=w)
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0
+        if sh > h or sw > w:  # larger in one dimension, smaller in the other: crop what is larger first
+            out = F.crop(out, top=top if sh > h else 0, left=left if sw > w else 0, height=min(sh, h),
+                         width=min(sw, w))
+            sh, sw = min(sh, h), min(sw, w)
+        pt, pl = (top if sh < h else 0), (left if sw < w else 0)
+        return F.pad(out, padding=[pl, pt, w - sw - pl, h - sh - pt], fill=fill)
+
+    _get_params = make_params
+    _transform = transform
+
+
 class PairedTransform:
     """Applies a transforms-v2 pipeline to a sample dict and returns plain uint8 tensors.
 
     Every key of :data:`MASK_KEYS` present in the sample (the label ``"mask"`` and the offline pseudo-label maps
     ``"pl_label"`` / ``"pl_conf"``) is treated as a mask: same geometry as the image, nearest resampling, padding
     255. ``mask_too=False`` keeps them untouched (evaluation at the label's native size).
+
+    ``track_valid=True`` adds ``"valid"``: uint8 ``(H, W)``, 1 on pixels of the image and 0 on the padding a random
+    crop added, so that pseudo-labels of an unlabelled target (which has no mask to carry the 255) never label the
+    black padding.
     """
 
-    def __init__(self, pipeline: Callable[[Any], Any], *, mask_too: bool = True) -> None:
+    def __init__(self, pipeline: Callable[[Any], Any], *, mask_too: bool = True, track_valid: bool = False) -> None:
         self.pipeline = pipeline
         self.mask_too = mask_too
+        self.track_valid = track_valid
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = dict(sample)
@@ -116,11 +159,16 @@ class PairedTransform:
         out["image"] = tv_tensors.Image(out["image"])
         keys = [k for k in MASK_KEYS if out.get(k) is not None]
         if self.mask_too:
+            if self.track_valid:  # zeros that the padding turns into 255 (the mask fill value)
+                out["valid"] = torch.zeros(out["image"].shape[-2:], dtype=torch.uint8)
+                keys.append("valid")
             for k in keys:
                 out[k] = tv_tensors.Mask(out[k])
             out = self.pipeline(out)
             for k in keys:
                 out[k] = out[k].as_subclass(torch.Tensor)
+            if self.track_valid:
+                out["valid"] = (out["valid"] == 0).to(torch.uint8)
         else:
             kept = {k: out.pop(k) for k in keys}
             out = self.pipeline(out)
@@ -139,15 +187,19 @@ def build_train_transform(
     crop: tuple[int, int] | None,
     hflip: bool = True,
     photometric: bool = False,
+    track_valid: bool = False,
 ) -> PairedTransform:
     """Training augmentation: resize -> random scale -> random crop -> horizontal flip -> colour jitter.
 
     Args:
         resize: ``(H, W)`` to resize to first (bilinear image, nearest-pixel-centre mask), or None.
         scale_range: a factor drawn uniformly from this range rescales the sample (``(1, 1)``: off).
-        crop: ``(H, W)`` random crop; a smaller sample is padded first (image with 0, mask with 255).
+        crop: ``(H, W)`` random crop; a smaller sample is padded first (image with 0, mask with 255). Without a
+            crop the random scale is followed by a random crop (or padding) back to the sample's size before
+            scaling, so every sample keeps its (resized) size and images of one size always stack into a batch.
         hflip: random horizontal flip with probability 0.5.
         photometric: colour jitter on the image only (brightness, contrast, saturation, hue).
+        track_valid: add ``"valid"`` (1 on image pixels, 0 on crop padding), see :class:`PairedTransform`.
 
     Works on samples with or without ``"mask"``; outputs uint8 image ``(3, h, w)`` and mask ``(h, w)``.
     """
@@ -157,7 +209,7 @@ def build_train_transform(
     if resize is not None:
         steps.append(Resize(resize))
     if tuple(scale_range) != (1.0, 1.0):
-        steps.append(RandomScale(tuple(scale_range)))
+        steps.append(RandomScale(tuple(scale_range)) if crop is not None else RandomScaleKeepSize(tuple(scale_range)))
     if crop is not None:
         steps.append(v2.RandomCrop(list(crop), pad_if_needed=True,
                                    fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}))
@@ -166,7 +218,7 @@ def build_train_transform(
     if photometric:
         # Colour transforms have no Mask kernel, so v2 passes the mask through unchanged.
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)], p=0.8))
-    return PairedTransform(v2.Compose(steps) if steps else v2.Identity())
+    return PairedTransform(v2.Compose(steps) if steps else v2.Identity(), track_valid=track_valid)
 
 
 def build_eval_transform(*, resize: tuple[int, int] | None, resize_mask: bool = False) -> PairedTransform:

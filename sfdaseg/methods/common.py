@@ -4,6 +4,7 @@ plumbing. Recipes import nothing from :mod:`sfdaseg.engine`: the loop calls them
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,43 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from sfdaseg.config_base import Section
 from sfdaseg.data.classes import ClassSpec
 from sfdaseg.task import TaskBase, WrapFn
 
-__all__ = ["AdaptContext", "OfflineLabelRequest", "RecipeConfig", "TeacherStudentTask"]
+__all__ = ["AdaptContext", "OfflineLabelRequest", "RecipeConfig", "TeacherStudentTask", "ignore_padding",
+           "valid_pixels", "warn_batch_level_parts"]
+
+logger = logging.getLogger(__name__)
+
+
+def warn_batch_level_parts(cfg: Any, batch_size: int | None, recipe: str) -> None:
+    """Warn once at build time when a part of the strong view cannot act on ``batch_size`` images per process.
+
+    ClassMix pastes between images of a batch and the style swap borrows another image's style: with one image
+    per process both do nothing (the image is mixed with, or re-styled by, itself).
+    """
+    if batch_size is None or batch_size > 1:
+        return
+    off = [name for name, on in (("ClassMix (method.classmix)", getattr(cfg, "classmix", False)),
+                                 ("the style swap (method.style)", getattr(cfg, "style", "none") != "none")) if on]
+    if off:
+        logger.warning(f"{recipe}: {' and '.join(off)} need at least 2 images per process; with data.batch_size=1 "
+                       f"they do nothing (raise data.batch_size, e.g. with train.accumulate to keep the global "
+                       f"batch, or switch them off)")
+
+
+def valid_pixels(batch: dict) -> torch.Tensor | None:
+    """``(B, H, W)`` bool: the pixels of the images (not the padding a random crop added), or None (no padding)."""
+    valid = batch.get("valid")
+    return None if valid is None else valid.bool()
+
+
+def ignore_padding(label: torch.Tensor, batch: dict, ignore_index: int) -> torch.Tensor:
+    """``label`` ``(B, H, W)`` with ``ignore_index`` on the crop padding: a teacher's argmax on black padding is not
+    a pseudo-label (offline labels carry 255 there already; online ones need this)."""
+    valid = valid_pixels(batch)
+    return label if valid is None else torch.where(valid, label, ignore_index)
 
 
 @dataclass
@@ -32,6 +66,7 @@ class AdaptContext:
         run_dir: the run folder.
         iters: the run's number of optimizer steps (schedules inside a recipe refer to it).
         is_main: this process is rank 0 (or the only one): it writes files such as image grids.
+        batch_size: images per process and step (batch-level parts such as ClassMix need at least 2).
     """
 
     model: nn.Module
@@ -42,6 +77,7 @@ class AdaptContext:
     run_dir: Path | None = None
     iters: int | None = None
     is_main: bool = True
+    batch_size: int | None = None  # images per process and step
 
 
 @dataclass(frozen=True)
@@ -60,15 +96,13 @@ class OfflineLabelRequest:
     cache: str | None = None
 
 
-class RecipeConfig:
+class RecipeConfig(Section):
     """Base of every recipe's ``method:`` dataclass: the optional parts a run function reads.
 
-    ``validate()`` is called by the config loader (ranges of every key); ``offline_labels()`` says whether the
-    recipe trains on offline pseudo-labels (``None``: it does not).
+    ``validate()`` is called by the config loader (ranges of every key; a recipe calls ``super().validate()`` so
+    that the mixins it inherits, e.g. the strong view, check theirs); ``offline_labels()`` says whether the recipe
+    trains on offline pseudo-labels (``None``: it does not).
     """
-
-    def validate(self) -> None:
-        pass
 
     def offline_labels(self) -> OfflineLabelRequest | None:
         return None

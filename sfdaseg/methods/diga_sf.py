@@ -1,24 +1,35 @@
 """``diga_sf``: DiGA made source-free.
 
 Published DiGA (Shen et al., CVPR 2023; code fy-vision/DiGA) is an unsupervised DA method: it warms up with
-source images and pastes source objects into target images. Our source-free variant (the whole adaptation
-stage below is ours, built from DiGA's target-side parts) drops everything that needs source data and starts
-from the source model:
+source images, pastes source objects into target images and distils on source images. Our source-free variant
+drops everything that needs source data and starts from the source model. Its target-side parts follow the
+official code, each with a ``method.*`` switch to the alternative:
 
-- **offline pseudo-labels**: the frozen source model labels every target image once, fusing scales 1.0 and 0.5
-  by the max of the upsampled probabilities, with no threshold (cached on disk, reused across runs);
-- **threshold-free bilateral consensus**: an offline label is kept only where it equals the nearest-class-
-  centroid label of the EMA teacher's features; elsewhere the pixel is ignored. Centroids are running means of
-  target features per class (momentum 1e-4, as published), initialised by a pass over ``proto_init_images``
-  target images with the source model's features and the offline labels (our choice: with momentum 1e-4 an
-  initialisation from a single batch would hardly move);
+- **offline pseudo-labels** (official): the frozen source model labels every target image once at scales 1.0 and
+  0.5, fused by the maximum of the upsampled *logits*, then one softmax (``offline_fusion=logits``; ``probs``:
+  the maximum of each scale's probabilities); no threshold; cached on disk, reused across runs;
+- **threshold-free bilateral consensus** (official): an offline label is kept only where it equals the
+  nearest-class-centroid label of the EMA teacher's features; elsewhere the pixel is ignored. The distance is
+  Euclidean on the raw features (``proto_metric=euclidean``, official; ``cosine``: on unit vectors);
+- **centroid updates** (official): after each step's consensus, every centroid moves by ``proto_momentum``
+  (1e-4) towards the mean feature of its class *per image*, from the consensus labels intersected with the
+  teacher's argmax, for classes with at least ``proto_min_pixels`` (5) pixels in the image
+  (``proto_update=consensus``; ``offline``: one batch-mean step from the raw offline labels). The centroids
+  start as the class means of the source model's features over the first ``proto_init_images`` target images
+  labelled by the offline labels (DiGA initialises them on the target set with its warm-up model's argmax;
+  source-free, the source model is that model);
 - **cross-view ("symmetric") distillation**: the teacher's soft prediction on the weak view supervises the
-  student on the strong, mixed view (mixed with the same ClassMix mask), plus ``reverse_weight`` = 0.5 x the
-  reverse direction (the teacher on the strong view supervises the student on the weak view; this costs one
-  more student and teacher forward, set 0 to skip it); soft cross-entropy, weight 0.25 beside the CE;
-- **target-to-target ClassMix** replaces DiGA's source-to-target pasting.
+  student on the strong, mixed view, plus ``reverse_weight`` = 0.5 x the reverse direction (the teacher on the
+  strong view supervises the student on the weak view; one more student and teacher forward, 0 skips it); soft
+  cross-entropy at temperature 1, weight ``distill_weight`` = 0.25 beside the CE (DiGA's self-training values).
+  **Ours**: DiGA distils on *source* images (original vs. style-translated view, same geometry); source-free we
+  distil on target images, so the teacher's probabilities are mixed with the same ClassMix mask as the labels;
+- **target-to-target ClassMix** (ours) replaces DiGA's source-to-target pasting;
+- deviations kept: the EMA teacher labels in eval mode (DiGA's teacher keeps dropout on), and the CE is the mean
+  over the labelled pixels (DiGA's divides by every pixel, ignored ones included).
 
-Loss = CE(student(x_mix), consensus labels mixed) + 0.25 * (softCE(T(x) -> S(x_mix)) + 0.5 softCE(T(x_s) -> S(x))).
+Loss = CE(student(x_mix), consensus labels mixed) + 0.25 * (softCE(T(x) -> S(x_mix)) + 0.5 softCE(T(x_s) -> S(x)))
++ the collapse-prevention terms (:mod:`sfdaseg.regularizers`).
 """
 
 from __future__ import annotations
@@ -31,18 +42,30 @@ import torch.nn.functional as F
 from sfdaseg.config_base import ConfigError
 from sfdaseg.data.transforms import collate, to_model_input
 from sfdaseg.losses import resize_logits, seg_cross_entropy, soft_cross_entropy
-from sfdaseg.methods.common import AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask
+from sfdaseg.config_base import choices
+from sfdaseg.methods.common import (AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask, valid_pixels,
+                                    warn_batch_level_parts)
 from sfdaseg.models.ema import EMATeacher
-from sfdaseg.pseudo_labels import PrototypeMemory, bilateral_consensus, pseudo_label_stats
+from sfdaseg.offline_labels import FUSIONS
+from sfdaseg.pseudo_labels import METRICS, PrototypeMemory, bilateral_consensus, pseudo_label_stats
+from sfdaseg.regularizers import CollapseConfig, SourceRegularizer
 from sfdaseg.strong_view import StrongView, StrongViewConfig
 from sfdaseg.task import StepOutput
 
 
 @dataclass
-class DiGAConfig(StrongViewConfig, RecipeConfig):
+class DiGAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
     ema_momentum: float = 0.999
     offline_scales: tuple[float, ...] = (1.0, 0.5)  # multi-scale max fusion of the offline labeller
+    offline_fusion: str = choices(*reversed(FUSIONS), default="logits",
+                                  help="fuse the scales by the max of the logits (DiGA) or of the probabilities")
+    proto_metric: str = choices(*reversed(METRICS), default="euclidean",
+                                help="nearest centroid by Euclidean distance on raw features (DiGA) or cosine")
+    proto_update: str = choices("consensus", "offline", default="consensus",
+                                help="centroids move per image from consensus labels intersected with the teacher's "
+                                     "argmax (DiGA), or per batch from the raw offline labels")
     proto_momentum: float = 1e-4
+    proto_min_pixels: int = 5  # proto_update=consensus: a class updates from an image with at least this many pixels
     proto_init_images: int = 200
     consensus: bool = True  # False: train on the raw offline labels (ablation)
     distill_weight: float = 0.25
@@ -55,7 +78,7 @@ class DiGAConfig(StrongViewConfig, RecipeConfig):
             raise ConfigError(f"method.offline_scales: expected positive scales, got {list(self.offline_scales)}")
 
     def offline_labels(self) -> OfflineLabelRequest:
-        return OfflineLabelRequest(scales=tuple(self.offline_scales))
+        return OfflineLabelRequest(scales=tuple(self.offline_scales), options={"fusion": self.offline_fusion})
 
 
 class DiGASourceFree(TeacherStudentTask):
@@ -66,9 +89,13 @@ class DiGASourceFree(TeacherStudentTask):
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
         self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
-        self.protos = PrototypeMemory(self.num_classes, model.feature_dim, momentum=cfg.proto_momentum).to(ctx.device)
+        self.protos = PrototypeMemory(self.num_classes, model.feature_dim, momentum=cfg.proto_momentum,
+                                      metric=cfg.proto_metric).to(ctx.device)
         if ctx.target is not None and cfg.proto_init_images > 0:
             self._init_prototypes(ctx)
+        self.reg = SourceRegularizer(cfg, source=model, target=ctx.target, num_classes=self.num_classes,
+                                     device=ctx.device)
+        warn_batch_level_parts(cfg, ctx.batch_size, "diga_sf")
 
     @torch.no_grad()
     def _init_prototypes(self, ctx: AdaptContext) -> None:
@@ -103,41 +130,71 @@ class DiGASourceFree(TeacherStudentTask):
         self.teacher.load_state_dict(state["teacher"])
         self.protos.load_state_dict(state["protos"])
 
+    @torch.no_grad()
+    def pseudo_labels(self, t_logits: torch.Tensor, t_feat: torch.Tensor, offline: torch.Tensor) -> torch.Tensor:
+        """The labels trained on ``(B, H, W)``, and the centroid update of this step.
+
+        ``t_logits`` / ``t_feat`` ``(B, C|D, h, w)`` are the EMA teacher's on the weak view; ``offline``
+        ``(B, H, W)`` the cached multi-scale labels (255 on crop padding).
+        """
+        cfg = self.cfg
+        size = tuple(offline.shape[-2:])
+        if cfg.proto_update == "offline":  # the batch mean of the raw offline labels, before the consensus
+            self.protos.update(t_feat, offline)
+        if cfg.consensus:
+            proto = self.protos.nearest(t_feat)  # (B, h, w)
+            proto = F.interpolate(proto[:, None].float(), size=size, mode="nearest")[:, 0].long()
+            label = bilateral_consensus(offline, proto, ignore_index=self.ignore)
+        else:
+            label = offline
+        if cfg.proto_update == "consensus":  # DiGA: per image, consensus labels where the teacher agrees
+            argmax = resize_logits(t_logits, size).argmax(1)
+            agreed = torch.where(label == argmax, label, self.ignore)
+            self.protos.update_per_image(t_feat, agreed, min_pixels=cfg.proto_min_pixels)
+        return label
+
     def training_step(self, batch: dict, step: int) -> StepOutput:
         cfg = self.cfg
         x = to_model_input(batch["image"])  # (B, 3, H, W) weak view
         size = tuple(x.shape[-2:])
-        offline = batch["pl_label"].long()  # (B, H, W): source model, multi-scale max fusion
+        valid = valid_pixels(batch)
+        offline = batch["pl_label"].long()  # (B, H, W): source model, multi-scale max fusion, 255 on padding
         with torch.no_grad():
             t_logits, t_feat = self.teacher(x, return_features=True)
-            off_lo = F.interpolate(offline[:, None].float(), size=t_feat.shape[-2:], mode="nearest")[:, 0].long()
-            self.protos.update(t_feat, off_lo)
-            if cfg.consensus:
-                proto = self.protos.nearest(t_feat)  # (B, h, w)
-                proto = F.interpolate(proto[:, None].float(), size=size, mode="nearest")[:, 0].long()
-                label = bilateral_consensus(offline, proto, ignore_index=self.ignore)
-            else:
-                label = offline
+            label = self.pseudo_labels(t_logits, t_feat, offline)
             conf = batch["pl_conf"].float() / 255.0
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
             t_probs = torch.softmax(resize_logits(t_logits, size).float() / cfg.temperature, dim=1)
             xs = self.view.perturb(x)
-            x_mix, y_mix, t_mix = self.view.mix(label, xs, t_probs)
+            maps = [m for m in (self.reg.source_probs(x), None if valid is None else valid.float()) if m is not None]
+            x_mix, y_mix, t_mix, *maps = self.view.mix(label, xs, t_probs, *maps)
+            src = maps.pop(0) if self.reg.source is not None else None
+            valid_mix = maps.pop(0) > 0.5 if valid is not None else None
         reverse = cfg.reverse_weight > 0
         # One student forward over both views (DDP expects one forward per backward; one big batch is faster).
         s_all = self.net(torch.cat([x_mix, x]) if reverse else x_mix)
         s_mix = s_all[: x.shape[0]]
         loss_ce = seg_cross_entropy(s_mix, y_mix, ignore_index=self.ignore)
-        loss_kd = soft_cross_entropy(s_mix, t_mix, temperature=cfg.temperature)
+        # Soft targets only on image pixels: the teacher's output on crop padding teaches nothing.
+        loss_kd = soft_cross_entropy(s_mix, t_mix, temperature=cfg.temperature, pixel_weight=_weight(valid_mix))
         logs = {"loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach()}
         if reverse:
             with torch.no_grad():
                 t_strong = torch.softmax(resize_logits(self.teacher(xs), size).float() / cfg.temperature, dim=1)
-            loss_rev = soft_cross_entropy(s_all[x.shape[0]:], t_strong, temperature=cfg.temperature)
+            loss_rev = soft_cross_entropy(s_all[x.shape[0]:], t_strong, temperature=cfg.temperature,
+                                          pixel_weight=_weight(valid))
             loss_kd = loss_kd + cfg.reverse_weight * loss_rev
             logs["loss_kd_rev"] = loss_rev.detach()
         loss = loss_ce + cfg.distill_weight * loss_kd
+        if self.reg.active:
+            loss_reg, reg_logs = self.reg.loss(s_mix, src, valid=valid_mix)
+            loss = loss + loss_reg
+            logs.update(reg_logs)
         return StepOutput(loss, {**logs, **{f"pl/{k}": v for k, v in stats.items()}})
+
+
+def _weight(valid: torch.Tensor | None) -> torch.Tensor | None:
+    return None if valid is None else valid.float()
 
 
 def build(ctx: AdaptContext, cfg: DiGAConfig) -> DiGASourceFree:

@@ -17,19 +17,25 @@ Per step, on a batch of unlabelled target crops ``x`` (the weak view):
 4. the small student also gets **gradual large-to-small distillation**: ``T^2 * KL(p_teacher,T || small_T)``
    whose weight ramps linearly from 0 at step 0 to ``kd_weight`` at ``kd_ramp`` of the schedule (the paper's
    "stage 1 then stage 2" in one run);
-5. and the **inconsistency loss**: class weights ``w_c = 1 - IoU_c(small student's argmax, pseudo-labels)``
-   computed on the batch, normalised to mean 1 over the classes present in the pseudo-labels, weight the small
-   student's CE, so the classes it has adapted worst count more.
+5. and the **inconsistency loss**: class weights ``w_c = 1 - IoU_c(small student's argmax, pseudo-labels)``,
+   the IoU from running counts over many batches and all ranks (:class:`sfdaseg.class_stats.RunningConfusion`),
+   normalised to mean 1 over the classes seen, weight the small student's CE, so the classes it has adapted worst
+   count more;
+6. plus the collapse-prevention terms (:mod:`sfdaseg.regularizers`) on both students.
 
 Loss = ``large_weight * CE_large + CE_small + inconsistency_weight * CE_small(w_c) + kd_weight * ramp * KD``.
 
+**The small student never starts the main phase from random weights.** Given ``method.student_checkpoint`` (a
+small *source* model: the fair setting, both students start from source-trained weights) it starts from it.
+Without one it is first **distilled from the frozen source model** on target images for ``small_warmup`` of the
+run (KL at temperature ``T``, the large student and its teacher untouched, so the teacher *is* the source model
+then), and the gradual large-to-small schedule starts after that warm-up. ``small_warmup`` defaults to ``auto``:
+0.25 of the run without a small source checkpoint, 0 with one.
+
 Reconstructed (DUDA's text was not available; the mechanisms are published, these forms are ours, all
 configurable): the KL form with ``T^2`` scaling and ``T = 2``; the linear ramp over half the schedule; the
-batch-level ``1 - IoU`` class weights and their normalisation; equal-weight averaging of the teachers; summing
-stage 1 and stage 2 into one schedule. Source-free: no source CE; both students start from source-trained
-weights when ``method.student_checkpoint`` gives a small *source* model (the fair setting). Without it the small
-student starts from a random initialisation (nothing is downloaded; a local ImageNet backbone file may be
-given as ``student_checkpoint`` together with ``student``), which is a harder, different setting.
+``1 - IoU`` class weights and their normalisation; equal-weight averaging of the teachers; summing stage 1 and
+stage 2 into one schedule; the source-distillation warm-up.
 
 Delivered model: the small student (``method.deliver=small``, default), whatever the run-level ``export`` key
 says: for DUDA "the student" is ambiguous and the point of the method is the small model.
@@ -39,6 +45,7 @@ says: for DUDA "the student" is ambiguous and the point of the method is the sma
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,30 +53,38 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sfdaseg.class_stats import RunningClassHistogram, RunningConfusion
 from sfdaseg.config_base import ConfigError, choices
 from sfdaseg.data.classes import IGNORE_INDEX
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.distill import average_probs, build_student, check_same_classes, kd_loss, load_teachers, ramp, \
     teacher_logits
 from sfdaseg.losses import resize_logits, seg_cross_entropy
-from sfdaseg.methods.common import AdaptContext, RecipeConfig, TeacherStudentTask
+from sfdaseg.methods.common import (AdaptContext, RecipeConfig, TeacherStudentTask, ignore_padding, valid_pixels,
+                                    warn_batch_level_parts)
 from sfdaseg.models import MODELS
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels
+from sfdaseg.regularizers import CollapseConfig, SourceRegularizer
 from sfdaseg.strong_view import StrongView, StrongViewConfig
 from sfdaseg.task import StepOutput
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
-class DUDAConfig(StrongViewConfig, RecipeConfig):
+class DUDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
     student: str | None = None  # small architecture; None: student_checkpoint's, else lraspp_mobilenet_v3_large
     student_options: dict[str, Any] = field(default_factory=dict)  # its builder options, e.g. {width: 8} for tiny
-    student_checkpoint: str | None = None  # a small *source* model (the fair setting); None: random initialisation
+    student_checkpoint: str | None = None  # a small *source* model (the fair setting); None: warm-up distillation
     teachers: list[str] = field(default_factory=list)  # extra adapted checkpoints averaged with the EMA teacher
     ema_momentum: float = 0.999
     policy: str = choices(*POLICIES, default="ratio", help="pseudo-label selection / weighting")
     tau: float = 0.968  # confidence threshold (DAFormer)
     percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
+    stats_momentum: float = 0.99  # memory of the running class statistics (percentiles, inconsistency IoU)
+    small_warmup: float | None = None  # fraction of the run: the small student distils from the frozen source
+    # first; None (auto): 0.25 without student_checkpoint, 0 with one
     large_weight: float = 1.0  # CE of the large auxiliary student
     temperature: float = 2.0  # of the large-to-small KL (reconstructed)
     kd_weight: float = 1.0  # KL weight at the end of the ramp (reconstructed)
@@ -97,6 +112,9 @@ class DUDAConfig(StrongViewConfig, RecipeConfig):
         for key in ("large_weight", "kd_weight", "inconsistency_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"method.{key}: expected >= 0, got {getattr(self, key)}")
+        if self.small_warmup is not None and not 0.0 <= self.small_warmup < 1.0:
+            raise ConfigError(f"method.small_warmup: expected a fraction of the run in [0, 1) or null (auto), got "
+                              f"{self.small_warmup}")
         if self.schedule_iters is not None and self.schedule_iters <= 0:
             raise ConfigError(f"method.schedule_iters: expected a positive number or null, got {self.schedule_iters}")
 
@@ -145,6 +163,12 @@ def _schedule_iters(ctx: AdaptContext, cfg: DUDAConfig) -> int:
                       "to the number of steps the KD ramp refers to")
 
 
+def iou_class_weights(iou: Tensor, seen: Tensor) -> Tensor:
+    """``w_c = 1 - IoU_c`` over the classes ``seen`` ``(C,)`` bool, scaled to mean 1 over them; 0 elsewhere."""
+    dis = (1.0 - iou) * seen.float()
+    return dis / (dis.sum() / seen.float().sum().clamp_min(1.0)).clamp_min(1e-6)
+
+
 class DUDA(TeacherStudentTask):
     def __init__(self, ctx: AdaptContext, cfg: DUDAConfig) -> None:
         small = build_student(cfg.student, classes=ctx.classes, checkpoint=cfg.student_checkpoint,
@@ -158,54 +182,102 @@ class DUDA(TeacherStudentTask):
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
         self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
+        self.hist = RunningClassHistogram(self.num_classes, momentum=cfg.stats_momentum).to(ctx.device)
+        self.confusion = RunningConfusion(self.num_classes, momentum=cfg.stats_momentum).to(ctx.device)
+        self.reg = SourceRegularizer(cfg, source=ctx.model, target=ctx.target, num_classes=self.num_classes,
+                                     device=ctx.device)
+        warn_batch_level_parts(cfg, ctx.batch_size, "duda")
         self.extra_teachers: list[nn.Module] = []
         if cfg.teachers:
             self.extra_teachers, classes = load_teachers(cfg.teachers, device=ctx.device)
             check_same_classes(ctx.classes, "the source checkpoint", classes, cfg.teachers[0], what="method.teachers")
         self.total_iters = _schedule_iters(ctx, cfg)
+        warm = cfg.small_warmup if cfg.small_warmup is not None else (0.0 if cfg.student_checkpoint else 0.25)
+        self.warmup_steps = int(round(warm * self.total_iters))
+        if self.warmup_steps:
+            logger.info(f"duda: the small student distils from the frozen source model for {self.warmup_steps} "
+                        f"steps first (method.small_warmup)")
+
+    def state_dict(self):
+        return {**super().state_dict(), "hist": self.hist.state_dict(), "confusion": self.confusion.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.hist.load_state_dict(state["hist"])
+        self.confusion.load_state_dict(state["confusion"])
 
     def kd_weight(self, step: int) -> float:
-        """The KL weight at ``step``: 0 at step 0, ``kd_weight`` from ``kd_ramp * total`` steps on."""
-        return self.cfg.kd_weight * ramp(step, self.total_iters, self.cfg.kd_ramp)
+        """The KL weight at ``step``: 0 when the main phase starts, ``kd_weight`` ``kd_ramp`` of it later."""
+        main = step - self.warmup_steps
+        return self.cfg.kd_weight * ramp(max(main, 0), self.total_iters - self.warmup_steps, self.cfg.kd_ramp)
+
+    def warmup_step(self, batch: dict) -> StepOutput:
+        """The small student distils from the frozen source model (the untouched teacher) on the strong view."""
+        cfg = self.cfg
+        x = to_model_input(batch["image"])
+        size = tuple(x.shape[-2:])
+        valid = valid_pixels(batch)
+        with torch.no_grad():
+            t_soft = torch.softmax(resize_logits(self.teacher(x), size).float() / cfg.temperature, dim=1)
+            label = ignore_padding(t_soft.argmax(1), batch, self.ignore)
+            maps = [t_soft] + ([valid.float()] if valid is not None else [])
+            xs, _, *maps = self.view(x, label, *maps)
+        small = self.wrapped.get("small", self.small)(xs)
+        weight = None if valid is None else (maps[1] > 0.5).float()
+        loss = kd_loss(small, maps[0], temperature=cfg.temperature, pixel_weight=weight)
+        return StepOutput(loss, {"loss_warmup_kd": loss.detach()})
 
     def training_step(self, batch: dict, step: int) -> StepOutput:
+        if step < self.warmup_steps:
+            return self.warmup_step(batch)
         cfg = self.cfg
         x = to_model_input(batch["image"])  # (B, 3, H, W) weak view
         size = tuple(x.shape[-2:])
+        valid = valid_pixels(batch)
         with torch.no_grad():
             logits = teacher_logits([self.teacher, *self.extra_teachers], x, size=size)
             probs = average_probs(logits)  # (B, C, H, W) at T = 1: the pseudo-labels
             conf, label = probs.max(1)
+            label = ignore_padding(label, batch, self.ignore)
             t_soft = probs if cfg.temperature == 1.0 else average_probs(logits, temperature=cfg.temperature)
             del logits
-            label, weight = select_pseudo_labels(cfg.policy, conf, label, num_classes=self.num_classes,
-                                                 tau=cfg.tau, percentile=cfg.percentile, ignore_index=self.ignore)
+            if cfg.policy == "class_balanced":  # percentiles of the running histogram, not of this batch
+                self.hist.update(conf, label)
+                label, weight = self.hist.select(conf, label, percentile=cfg.percentile, ignore_index=self.ignore)
+            else:
+                label, weight = select_pseudo_labels(cfg.policy, conf, label, num_classes=self.num_classes,
+                                                     tau=cfg.tau, percentile=cfg.percentile,
+                                                     ignore_index=self.ignore)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
-            x_mix, y_mix, w_mix, t_mix = self.view(x, label, weight, t_soft)
+            maps = [m for m in (self.reg.source_probs(x), None if valid is None else valid.float()) if m is not None]
+            x_mix, y_mix, w_mix, t_mix, *maps = self.view(x, label, weight, t_soft, *maps)
+            src = maps.pop(0) if self.reg.source is not None else None
+            valid_mix = maps.pop(0) > 0.5 if valid is not None else None
         large = self.net(x_mix)
         small = resize_logits(self.wrapped.get("small", self.small)(x_mix), size)  # upsampled once, used 3x
         loss_large = seg_cross_entropy(large, y_mix, ignore_index=self.ignore, pixel_weight=w_mix)
         loss_ce = seg_cross_entropy(small, y_mix, ignore_index=self.ignore, pixel_weight=w_mix)
         with torch.no_grad():
             small_label = small.detach().argmax(1)
-            class_w = inconsistency_class_weights(small_label, y_mix, num_classes=self.num_classes,
-                                                  ignore_index=self.ignore)
-            valid = y_mix != self.ignore
-            pixel_cw = class_w[torch.where(valid, y_mix, 0)] * w_mix
-            agreement = ((small_label == y_mix) & valid).sum() / valid.sum().clamp_min(1)
+            self.confusion.update(small_label, y_mix)  # running IoU over many batches and all ranks
+            class_w = iou_class_weights(self.confusion.iou(), self.confusion.n_ref > 0)
+            labelled = y_mix != self.ignore
+            pixel_cw = class_w[torch.where(labelled, y_mix, 0)] * w_mix
+            agreement = ((small_label == y_mix) & labelled).sum() / labelled.sum().clamp_min(1)
         loss_inc = seg_cross_entropy(small, y_mix, ignore_index=self.ignore, pixel_weight=pixel_cw)
-        loss_kd = kd_loss(small, t_mix, temperature=cfg.temperature)
+        loss_kd = kd_loss(small, t_mix, temperature=cfg.temperature,
+                          pixel_weight=None if valid_mix is None else valid_mix.float())
         kd_w = self.kd_weight(step)
         loss = cfg.large_weight * loss_large + loss_ce + cfg.inconsistency_weight * loss_inc + kd_w * loss_kd
         logs = {"loss_large": loss_large.detach(), "loss_small_ce": loss_ce.detach(),
                 "loss_inconsistency": loss_inc.detach(), "loss_kd": loss_kd.detach(), "kd_weight": kd_w,
                 "small_agreement": agreement.float()}
+        if self.reg.active:
+            reg_large, reg_logs = self.reg.loss(large, src, valid=valid_mix)
+            reg_small, _ = self.reg.loss(small, src, valid=valid_mix)
+            loss = loss + reg_large + reg_small
+            logs.update(reg_logs)
         return StepOutput(loss, {**logs, **{f"pl/{k}": v for k, v in stats.items()}})
-
-    @property
-    def exported(self) -> str:
-        """Which model :meth:`export_model` returns (``"small"`` or ``"large_teacher"``), for checkpoint metadata."""
-        return self.cfg.deliver
 
     def export_model(self) -> nn.Module:
         return self.teacher.module if self.cfg.deliver == "large_teacher" else self.small

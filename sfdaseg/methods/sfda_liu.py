@@ -96,10 +96,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from sfdaseg.config_base import ConfigError, choices
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.losses import resize_logits
-from sfdaseg.methods.common import AdaptContext, RecipeConfig
+from sfdaseg.methods.common import AdaptContext, RecipeConfig, valid_pixels
 from sfdaseg.models.base import unwrap_model
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import pseudo_label_stats
+from sfdaseg.regularizers import CollapseConfig, SourceRegularizer
 from sfdaseg.task import StepOutput, TaskBase
 
 __all__ = [
@@ -110,7 +111,7 @@ __all__ = [
 
 
 @dataclass
-class SFDALiuConfig(RecipeConfig):
+class SFDALiuConfig(CollapseConfig, RecipeConfig):
     # Knowledge transfer: generator and its objective.
     z_dim: int = 256  # [published] noise dimension
     gen_size: tuple[int, int] = (128, 256)  # [published] (H, W) of generated images: 256x128 (W x H)
@@ -145,6 +146,7 @@ class SFDALiuConfig(RecipeConfig):
              "target model's batch or running statistics")
 
     def validate(self) -> None:
+        super().validate()
         h, w = self.gen_size
         if h <= 0 or w <= 0 or h % 16 or w % 16:
             raise ConfigError(f"method.gen_size: expected positive (H, W) divisible by 16 (four 2x upsamplings), "
@@ -349,17 +351,23 @@ def attention_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.T
 # ------------------------------------------------------------------------------------------------ target losses
 
 
-def maxsquare_loss(probs: torch.Tensor, *, image_weighted: bool = False, ratio: float = 0.2) -> torch.Tensor:
+def maxsquare_loss(probs: torch.Tensor, *, image_weighted: bool = False, ratio: float = 0.2,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """MaxSquare loss (Chen et al. 2019) of probabilities ``(B, C, H, W)``.
 
-    Plain: ``-0.5 * mean(p^2)`` over every element. Image-wise class-balanced (their ``IW_MaxSquareloss``): with
-    ``n_bc`` the number of pixels of image ``b`` predicted as class ``c`` (argmax) and ``N`` its pixel count, each
-    pixel of predicted class ``c`` weighs ``w = 1 / max(n_bc^ratio * N^(1-ratio), 1)`` (detached) and the loss is
+    Plain: ``-0.5 * mean(p^2)`` over every element (over the ``valid`` ``(B, H, W)`` pixels only when given: crop
+    padding is not target content). Image-wise class-balanced (their ``IW_MaxSquareloss``): with ``n_bc`` the
+    number of pixels of image ``b`` predicted as class ``c`` (argmax) and ``N`` its pixel count, each pixel of
+    predicted class ``c`` weighs ``w = 1 / max(n_bc^ratio * N^(1-ratio), 1)`` (detached) and the loss is
     ``-sum(w * p^2) / (B * C)``, so that large classes do not dominate the gradient.
     """
     p = probs.float()
+    if valid is not None:
+        p = p * valid[:, None].to(p.dtype)  # padding contributes 0 (and nothing to the image-wise counts)
     if not image_weighted:
-        return -0.5 * p.pow(2).mean()
+        if valid is None:
+            return -0.5 * p.pow(2).mean()
+        return -0.5 * p.pow(2).sum() / (valid.float().sum() * p.shape[1]).clamp_min(1.0)
     b, c = p.shape[:2]
     with torch.no_grad():
         label = p.argmax(1).flatten(1)  # (B, HW)
@@ -513,6 +521,13 @@ class SFDALiu(TaskBase):
         self.generator.lr_mult = cfg.gen_lr_mult
         self.disc.lr_mult = cfg.disc_lr_mult
         self.teacher = EMATeacher(model, momentum=cfg.ema_momentum) if ctx.export == "teacher" else None
+        if ctx.batch_size is not None and ctx.batch_size < 2 and (cfg.adv_weight > 0 or cfg.disc_weight > 0):
+            raise ConfigError("recipe sfda_liu: IPSM ranks the patches of a batch into easy and hard halves, which "
+                              "needs data.batch_size >= 2 per process (or method.adv_weight=0 method.disc_weight=0)")
+        # Collapse prevention: the class prior and the anchor on the target predictions; the anchor reuses the
+        # frozen source model this recipe keeps anyway.
+        self.reg = SourceRegularizer(cfg, source=model, target=ctx.target, num_classes=self.num_classes,
+                                     device=ctx.device, frozen=self.source)
         self.run_dir = Path(ctx.run_dir) if ctx.run_dir is not None and ctx.is_main else None  # rank 0 writes
         # Fixed noise for the image grids (its own RNG: the training stream is not disturbed).
         rng = torch.Generator().manual_seed(0)
@@ -574,15 +589,20 @@ class SFDALiu(TaskBase):
         else:
             loss_dad_st = torch.zeros((), device=x.device)
 
-        # Target self-supervision on the real batch.
+        # Target self-supervision on the real batch (crop padding left out).
+        valid = valid_pixels(batch)
         loss_tar = maxsquare_loss(torch.softmax(resize_logits(t_logits, size).float(), dim=1),
-                                  image_weighted=cfg.maxsquare_image_weighted, ratio=cfg.maxsquare_ratio)
+                                  image_weighted=cfg.maxsquare_image_weighted, ratio=cfg.maxsquare_ratio, valid=valid)
         probs = torch.softmax(t_logits.float(), dim=1)  # (B, C, h, w)
         ipsm = ipsm_losses(probs, self.dis, self.disc, k=cfg.patch_grid, disc_input=cfg.disc_input)
 
         loss = (cfg.bns_weight * loss_bns + cfg.mae_weight * loss_mae + cfg.dad_weight * loss_dad_ss
                 + cfg.dad_st_weight * loss_dad_st + cfg.tar_weight * loss_tar + cfg.adv_weight * ipsm["adv"]
                 + cfg.disc_weight * ipsm["disc"])
+        reg_logs = {}
+        if self.reg.active:
+            loss_reg, reg_logs = self.reg.loss(t_logits, self.reg.source_probs(x), valid=valid)
+            loss = loss + loss_reg
         with torch.no_grad():
             conf, label = probs.max(1)
             stats = pseudo_label_stats(label, conf, num_classes=self.num_classes, ignore_index=self.ignore)
@@ -590,7 +610,7 @@ class SFDALiu(TaskBase):
                 "loss_dad_st": loss_dad_st.detach(), "loss_tar": loss_tar.detach(), "loss_adv": ipsm["adv"].detach(),
                 "loss_disc": ipsm["disc"].detach(), "disc_acc": ipsm["disc_acc"],
                 "ipsm/hard_entropy": ipsm["hard_entropy"], "ipsm/easy_entropy": ipsm["easy_entropy"],
-                "gen/mean": x_g.detach().mean(), "gen/std": x_g.detach().std(),
+                "gen/mean": x_g.detach().mean(), "gen/std": x_g.detach().std(), **reg_logs,
                 **{f"pl/{k}": v for k, v in stats.items()}}  # statistics of the target model's own predictions
         return StepOutput(loss, logs)
 

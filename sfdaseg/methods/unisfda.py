@@ -23,7 +23,8 @@ Per step, on a batch of unlabelled target crops ``x`` (the weak view):
    the online label is certain when its certainty is within the top ``online_percentile`` % of its class's
    online pixels of the batch. Both use :func:`sfdaseg.pseudo_labels.select_class_balanced` (ties kept).
 4. **pixel weights** (``pixel_weight="certainty"``): each kept pixel counts with the certainty of the label it
-   got (``c_off`` or ``c_on``); ``"none"``: 1.
+   got (``c_off`` or ``c_on``), and the loss is the mean of ``certainty * CE`` over the labelled pixels, so a batch
+   of uncertain labels teaches less; ``"none"``: 1.
 5. **student view**: intra-domain style augmentation (:mod:`sfdaseg.style`: each image re-styled with the
    low-frequency Fourier amplitude, or the AdaIN statistics, of another target image of the batch), then
    photometric augmentation; optional target ClassMix (off by default: not part of UniSFDA).
@@ -56,14 +57,17 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from sfdaseg.class_stats import RunningClassHistogram
 from sfdaseg.config_base import ConfigError, choices
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.distill import check_same_classes, kd_loss, load_teachers
 from sfdaseg.losses import resize_logits, seg_cross_entropy
-from sfdaseg.methods.common import AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask
+from sfdaseg.methods.common import (AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask, ignore_padding,
+                                    valid_pixels, warn_batch_level_parts)
 from sfdaseg.models.ema import EMATeacher
 from sfdaseg.offline_labels import MEASURES, entropy_certainty, mc_certainty
 from sfdaseg.pseudo_labels import IGNORE_INDEX, pseudo_label_stats, select_class_balanced
+from sfdaseg.regularizers import CollapseConfig, SourceRegularizer
 from sfdaseg.strong_view import StrongView, StrongViewConfig
 from sfdaseg.task import StepOutput
 from sfdaseg.uncertainty import mc_dropout, mc_dropout_features
@@ -108,7 +112,9 @@ class FusedLabels(NamedTuple):
 
 def fuse_online_offline(offline_label: Tensor, offline_certainty: Tensor, online_label: Tensor,
                         online_certainty: Tensor, *, num_classes: int, offline_percentile: float,
-                        online_percentile: float, ignore_index: int = IGNORE_INDEX) -> FusedLabels:
+                        online_percentile: float, ignore_index: int = IGNORE_INDEX,
+                        offline_stats: RunningClassHistogram | None = None,
+                        online_stats: RunningClassHistogram | None = None) -> FusedLabels:
     """UniSFDA's uncertainty-aware fusion of offline and online pseudo-labels (see the module docstring).
 
     Args:
@@ -119,15 +125,23 @@ def fuse_online_offline(offline_label: Tensor, offline_certainty: Tensor, online
         offline_percentile: an offline label is certain when its certainty is in the top ``offline_percentile``
             % of its class (its uncertainty at most the class's ``offline_percentile``-th percentile).
         online_percentile: the same for the online label, among the online pixels of its class.
+        offline_stats, online_stats: running per-class certainty histograms (over many batches and all ranks);
+            when given, this batch is folded into them and the percentiles are theirs instead of the batch's.
     Returns:
         :class:`FusedLabels`.
     """
     offline_label, online_label = offline_label.long(), online_label.long()
     has_offline = offline_label != ignore_index
-    off_ok = percentile_certain(offline_certainty, offline_label, num_classes=num_classes,
-                                percentile=offline_percentile, ignore_index=ignore_index)
-    on_ok = percentile_certain(online_certainty, online_label, num_classes=num_classes,
-                               percentile=online_percentile, ignore_index=ignore_index)
+
+    def certain(cert: Tensor, label: Tensor, stats: RunningClassHistogram | None, percentile: float) -> Tensor:
+        if stats is None:
+            return percentile_certain(cert, label, num_classes=num_classes, percentile=percentile,
+                                      ignore_index=ignore_index)
+        stats.update(cert, label)
+        return stats.select(cert, label, percentile=percentile, ignore_index=ignore_index)[1] > 0
+
+    off_ok = certain(offline_certainty, offline_label, offline_stats, offline_percentile)
+    on_ok = certain(online_certainty, online_label, online_stats, online_percentile)
     from_online = has_offline & ~off_ok & on_ok
     label = torch.where(off_ok, offline_label, torch.where(from_online, online_label, ignore_index))
     zero = torch.zeros((), dtype=torch.float32, device=label.device)
@@ -230,7 +244,7 @@ class EnsembleLabeller(nn.Module):
 
 
 @dataclass
-class UniSFDAConfig(StrongViewConfig, RecipeConfig):
+class UniSFDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
     ema_momentum: float = 0.999
     offline_scales: tuple[float, ...] = (1.0,)  # the offline labeller's scales (max fusion of the probabilities)
     offline_uncertainty: str = choices("mc_dropout", "none", default="mc_dropout",
@@ -241,6 +255,7 @@ class UniSFDAConfig(StrongViewConfig, RecipeConfig):
     offline_percentile: float = 80.0  # offline label certain: certainty in the top p% of its class in the batch
     online_mc_passes: int = 8  # MC-dropout passes of the EMA teacher's classifier (0: softmax entropy)
     online_percentile: float = 80.0  # online label certain: certainty in the top p% of its class in the batch
+    stats_momentum: float = 0.99  # memory of the running per-class certainty histograms behind both percentiles
     pixel_weight: str = choices("certainty", "none", default="certainty")
     # The strong view (sfdaseg.strong_view): UniSFDA's intra-domain style augmentation is on (Fourier, p 0.5);
     # ClassMix is not part of UniSFDA.
@@ -283,6 +298,11 @@ class UniSFDA(TeacherStudentTask):
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index
         self.view = StrongView(cfg, num_classes=self.num_classes, ignore_index=self.ignore)
+        self.offline_stats = RunningClassHistogram(self.num_classes, momentum=cfg.stats_momentum).to(ctx.device)
+        self.online_stats = RunningClassHistogram(self.num_classes, momentum=cfg.stats_momentum).to(ctx.device)
+        self.reg = SourceRegularizer(cfg, source=ctx.model, target=ctx.target, num_classes=self.num_classes,
+                                     device=ctx.device)
+        warn_batch_level_parts(cfg, ctx.batch_size, "unisfda")
         self.kd_ensemble: EnsembleLabeller | None = None
         if cfg.kd_weight > 0:
             teachers, classes = load_teachers(cfg.kd_teachers, device=ctx.device)
@@ -290,6 +310,15 @@ class UniSFDA(TeacherStudentTask):
             # Frozen and not a trainable module: the trainer neither steps nor saves it (rebuilt on resume).
             self.kd_ensemble = EnsembleLabeller(teachers, passes=cfg.online_mc_passes,
                                                 measure=cfg.uncertainty_measure).eval()
+
+    def state_dict(self):
+        return {**super().state_dict(), "offline_stats": self.offline_stats.state_dict(),
+                "online_stats": self.online_stats.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.offline_stats.load_state_dict(state["offline_stats"])
+        self.online_stats.load_state_dict(state["online_stats"])
 
     def _online(self, x: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """The EMA teacher's label ``(B, H, W)`` long and certainty ``(B, H, W)`` float32 on the weak view."""
@@ -305,12 +334,15 @@ class UniSFDA(TeacherStudentTask):
         cfg = self.cfg
         x = to_model_input(batch["image"])  # (B, 3, H, W) weak view
         size = tuple(x.shape[-2:])
+        valid = valid_pixels(batch)
         with torch.no_grad():
             online_label, online_cert = self._online(x, size)
+            online_label = ignore_padding(online_label, batch, self.ignore)
             fused = fuse_online_offline(batch["pl_label"].long(), batch["pl_conf"].float() / 255.0, online_label,
                                         online_cert, num_classes=self.num_classes,
                                         offline_percentile=cfg.offline_percentile,
-                                        online_percentile=cfg.online_percentile, ignore_index=self.ignore)
+                                        online_percentile=cfg.online_percentile, ignore_index=self.ignore,
+                                        offline_stats=self.offline_stats, online_stats=self.online_stats)
             label = fused.label
             kept = (label != self.ignore).float()
             weight = fused.certainty if cfg.pixel_weight == "certainty" else kept
@@ -319,17 +351,25 @@ class UniSFDA(TeacherStudentTask):
             soft = None
             if self.kd_ensemble is not None:
                 soft = torch.softmax(self.kd_ensemble(x) / cfg.kd_temperature, dim=1)  # log p / T -> p^(1/T) / Z
-            mixed = self.view.mix(label, xs, weight, *([soft] if soft is not None else []))
-            xs, label, weight = mixed[:3]
-            soft = mixed[3] if soft is not None else None
+            maps = [m for m in (soft, self.reg.source_probs(x), None if valid is None else valid.float())
+                    if m is not None]
+            xs, label, weight, *maps = self.view.mix(label, xs, weight, *maps)
+            soft = maps.pop(0) if soft is not None else None
+            src = maps.pop(0) if self.reg.source is not None else None
+            valid_mix = maps.pop(0) > 0.5 if valid is not None else None
         logits = self.net(xs)
         loss_ce = seg_cross_entropy(logits, label, ignore_index=self.ignore, pixel_weight=weight)
         logs = {"loss_ce": loss_ce.detach()}
         loss = loss_ce
         if soft is not None:
-            loss_kd = kd_loss(logits, soft, temperature=cfg.kd_temperature)
+            loss_kd = kd_loss(logits, soft, temperature=cfg.kd_temperature,
+                              pixel_weight=None if valid_mix is None else valid_mix.float())
             loss = loss + cfg.kd_weight * loss_kd
             logs["loss_kd"] = loss_kd.detach()
+        if self.reg.active:
+            loss_reg, reg_logs = self.reg.loss(logits, src, valid=valid_mix)
+            loss = loss + loss_reg
+            logs.update(reg_logs)
         valid = (batch["pl_label"] != self.ignore).float().mean().clamp_min(1e-6)
         logs.update({
             "pl/offline_frac": fused.from_offline.float().mean() / valid,  # of the pixels with an offline label

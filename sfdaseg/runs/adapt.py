@@ -50,7 +50,7 @@ def target_datasets(model, request: OfflineLabelRequest | None, d, *, device: to
     there. Labels of the target are never read.
     """
     train_tf = build_train_transform(resize=None if request else d.resize, scale_range=tuple(d.scale_range),
-                                     crop=d.crop, hflip=d.hflip, photometric=False)
+                                     crop=d.crop, hflip=d.hflip, photometric=False, track_valid=True)
     if request is None:
         train_ds = dataset_from_spec(d.target, with_labels=False, transform=train_tf, on_error=d.on_error,
                                      synthetic=d.synthetic)
@@ -108,7 +108,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
 
     torch.manual_seed(cfg.train.seed)  # recipe-owned modules (metric nets, proxies) start the same for a seed
     ctx = AdaptContext(model=model, classes=classes, device=device, export=cfg.export, target=target_ctx,
-                       run_dir=run_dir, iters=cfg.train.iters, is_main=dist_info.is_main)
+                       run_dir=run_dir, iters=cfg.train.iters, is_main=dist_info.is_main, batch_size=d.batch_size)
     task = recipe.build(ctx, method_cfg)
 
     loaders = val_loaders(d, num_classes=classes.num_classes, device=device, owner="the model has")

@@ -43,7 +43,7 @@ def run_distill(cfg: DistillConfig) -> Path:
 
     d = cfg.data
     train_tf = build_train_transform(resize=d.resize, scale_range=tuple(d.scale_range), crop=d.crop, hflip=d.hflip,
-                                     photometric=False)
+                                     photometric=False, track_valid=True)
     train_ds = dataset_from_spec(d.target, with_labels=False, transform=train_tf, on_error=d.on_error,
                                  synthetic=d.synthetic)
     n_params = sum(p.numel() for p in student.parameters()) / 1e6
