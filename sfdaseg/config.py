@@ -298,11 +298,15 @@ class ExportConfig:
 class BenchConfig:
     """``sfdaseg bench``: recipes x seeds on one benchmark, one markdown + JSON table.
 
-    Built-in benchmark by default; for real data give ``source_checkpoint`` (or a labelled ``source`` to train
-    one), the unlabelled ``target`` and a labelled ``val`` (used only to score the final models and snapshots).
+    The protocol: every recipe at its shipped defaults (``adapt_config`` empty; ``overrides`` only say what the
+    benchmark's data need, e.g. the crop), a fixed schedule and the final (or guard-chosen) checkpoint; settings
+    are chosen on ``val``, every reported number is on ``test``. The built-in benchmark by default; any folder
+    benchmark with ``source`` (labelled, to train the source model) or ``source_checkpoint``, the unlabelled
+    ``target``, labelled ``val`` and ``test`` splits and, for the oracle row, labelled target training data
+    (``oracle``).
     """
 
-    recipes: list[str] = field(default_factory=lambda: ["selftrain", "stvm", "diga_sf", "sfda_liu"])
+    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     seeds: int = 3
     ablations: bool = False  # add one row per removed part of each recipe (``ablation_seeds`` seeds)
     ablation_seeds: int = 1
@@ -310,27 +314,33 @@ class BenchConfig:
     out: str = "runs/bench"
     source: str = "synthetic:source:train"  # labelled source data, to train the source model if none is given
     source_checkpoint: str = ""
-    source_config: str = "configs/source/synthetic_tiny.yaml"
+    source_config: str = ""  # a train-source config for the source and oracle models; "" = its defaults
+    source_overrides: list[str] = field(default_factory=list)  # key=value overrides of the source/oracle training
     source_iters: int = 1000
     target: str = "synthetic:target:train"  # unlabelled: only its images are read during adaptation
-    val: str = "synthetic:target:val"  # labelled target split: scores the results, never picks a checkpoint
+    val: str = "synthetic:target:val"  # labelled target split for choosing settings (scored, not the headline)
+    test: str = "synthetic:target:test"  # labelled target split every reported number is measured on
     val_extra: list[str] = field(default_factory=lambda: ["synthetic:shift:val"])  # held-out domains
     oracle: str = "synthetic:target:train"  # labelled target *training* data for the oracle row; "" skips it
     oracle_checkpoint: str = ""
-    adapt_config: str = "configs/adapt/{recipe}_synthetic.yaml"  # per-recipe base config; "" = recipe defaults
+    adapt_config: str = ""  # a per-recipe base config ("{recipe}" is replaced); "" = the recipe's shipped defaults
     adapt_iters: int = 400
     overrides: list[str] = field(default_factory=list)  # applied to every adaptation run (e.g. data.batch_size=4)
     recipe_overrides: dict[str, list[str]] = field(default_factory=dict)  # recipe -> overrides for its runs only
     snapshots: int = 4  # checkpoints per run kept for ranking the label-free signals (0: final only)
-    synthetic: dict[str, Any] = field(default_factory=lambda: {"size": [128, 256]})
-    val_length: int = 200  # built-in benchmark: images per val split
+    synthetic: dict[str, Any] = field(default_factory=lambda: {"size": [128, 256]})  # built-in benchmark options
+    val_length: int = 200  # built-in benchmark: images per val and test split
     device: str = "auto"
 
     def validate(self) -> None:
         positive("seeds", self.seeds)
         positive("adapt_iters", self.adapt_iters)
+        positive("source_iters", self.source_iters)
+        positive("val_length", self.val_length)
         if self.ablation_seeds < 0 or self.snapshots < 0:
-            raise ConfigError("ablation_seeds and snapshots: expected >= 0")
+            raise ConfigError(f"ablation_seeds, snapshots: expected >= 0, got {self.ablation_seeds}, {self.snapshots}")
+        if not self.recipes and not self.variants:
+            raise ConfigError("recipes: expected at least one recipe (or a variant)")
         for r in self.recipes:
             get_recipe(r, key="recipes")
         for name, spec in self.variants.items():
@@ -339,11 +349,16 @@ class BenchConfig:
                                   f"{', '.join(RECIPES)}, got {spec}")
         if not self.source_checkpoint and not self.source:
             raise ConfigError("source_checkpoint or source: one is needed to get a source model")
-        if self.source_checkpoint and not Path(self.source_checkpoint).is_file():
-            raise ConfigError(f"source_checkpoint: no such file: {self.source_checkpoint}")
-        if self.oracle_checkpoint and not Path(self.oracle_checkpoint).is_file():
-            raise ConfigError(f"oracle_checkpoint: no such file: {self.oracle_checkpoint}")
-        _check_dataset_specs("", target=self.target, val=self.val)
+        for key in ("source_checkpoint", "oracle_checkpoint"):
+            if getattr(self, key) and not Path(getattr(self, key)).is_file():
+                raise ConfigError(f"{key}: no such file: {getattr(self, key)}")
+        if self.source_config and not Path(self.source_config).is_file():
+            raise ConfigError(f"source_config: no such file: {self.source_config}")
+        if not self.test:
+            raise ConfigError("test: required: the labelled target split every reported number is measured on")
+        _check_dataset_specs("", target=self.target, val=self.val or None, test=self.test,
+                             source=self.source or None, oracle=self.oracle or None,
+                             **{f"val_extra[{i}]": v for i, v in enumerate(self.val_extra)})
 
 
 @dataclass
@@ -398,9 +413,12 @@ class AdaptDataConfig:
 
 @dataclass
 class MonitorConfig:
-    """Target-only signals logged during adaptation (``sfdaseg.selection``): no label is read."""
+    """Target-only signals logged during adaptation (``sfdaseg.selection``) and the collapse guard: no label is read."""
 
-    every: int = 0  # steps between measurements; 0: at the start and the end only; -1: never
+    every: int | None = None  # steps between measurements; null: every 10% of the run; 0: start and end; -1: never
+    on_collapse: str = choices("rollback", "stop", "warn", default="rollback",
+                               help="on a collapse alarm: deliver the last healthy snapshot if the final model is "
+                                    "flagged (rollback), stop and deliver it (stop), or only warn")
     images: int = 32  # a fixed sample of target images (the first ones of the target set, un-augmented)
     batch_size: int = 8
     tau: float = 0.968  # confidence threshold behind kept_frac
@@ -408,13 +426,17 @@ class MonitorConfig:
     keep_checkpoints: bool = False  # keep snapshots/step_N.ckpt at every measurement (checkpoint choice)
 
     def validate(self) -> None:
-        if self.every < -1:
-            raise ConfigError(f"monitor.every: expected >= -1, got {self.every}")
+        if self.every is not None and self.every < -1:
+            raise ConfigError(f"monitor.every: expected >= -1 or null (every 10% of the run), got {self.every}")
         positive("monitor.images", self.images)
         positive("monitor.batch_size", self.batch_size)
         positive("monitor.snd_pixels", self.snd_pixels)
         if not 0 < self.tau <= 1:
             raise ConfigError(f"monitor.tau: expected a probability in (0, 1], got {self.tau}")
+
+    def interval(self, iters: int) -> int:
+        """Steps between measurements for a run of ``iters`` steps (0: start and end only; -1: never)."""
+        return max(1, iters // 10) if self.every is None else self.every
 
 
 @dataclass

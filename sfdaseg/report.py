@@ -131,14 +131,15 @@ def markdown_to_html(text: str, *, title: str) -> str:
 def write_adapt_report(run_dir: str | Path, *, recipe: str, classes: ClassSpec, predictions: Mapping[str, torch.Tensor],
                        images: torch.Tensor, labels: torch.Tensor | None, maps: Mapping[str, torch.Tensor],
                        per_class: Mapping[str, Mapping] | None = None, extra: Mapping[str, Mapping] | None = None,
-                       command: str = "") -> Path:
+                       command: str = "", guard: Mapping | None = None) -> Path:
     """``report.md`` and ``report.html`` of an ``adapt`` run folder.
 
     Sections: the resolved config; training curves (loss, LR, pseudo-label statistics) and the label-free signals
     from ``metrics.jsonl``; mIoU over time when a labelled val split was evaluated during the run; per-class IoU
     before/after (``per_class``: column name -> metrics dict) and held-out domains (``extra``); example
     predictions (``predictions``: name -> (N, H, W) class ids of ``images`` (N, 3, H, W) uint8; ``maps``: name ->
-    (N, H, W) in [0, 1]).
+    (N, H, W) in [0, 1]); the collapse guard's record (``guard``: the state of
+    :class:`sfdaseg.engine.hooks.MonitorHook`).
     """
     run_dir = Path(run_dir)
     figs = run_dir / "figures"
@@ -153,6 +154,19 @@ def write_adapt_report(run_dir: str | Path, *, recipe: str, classes: ClassSpec, 
         lines += [f"Command: `{command}`", ""]
     lines += ["Target labels were not used for training or for choosing the checkpoint; the labelled sections "
               "below (if any) evaluate the delivered model afterwards.", ""]
+    if guard is not None:
+        lines += ["## Collapse guard", "", f"Policy `monitor.on_collapse={guard['on_collapse']}`; label-free "
+                  f"measurements at steps {', '.join(map(str, guard['measured']))}; "
+                  f"{len(guard['alarms'])} with a collapse alarm.", ""]
+        for a in guard["alarms"]:
+            lines.append(f"- alarm at step {a['step']}: {'; '.join(a['messages'])}")
+        if guard["alarms"]:
+            lines.append("")
+        if guard.get("rolled_back"):
+            lines += [f"**The final model raised an alarm: the delivered model is the last healthy snapshot, from "
+                      f"step {guard['delivered_step']}.**", ""]
+        else:
+            lines += [f"The delivered model is the final one (step {guard['delivered_step']}).", ""]
     if curves_figure(figs / "training.png", records, train_keys, title="training"):
         lines += ["## Training curves", "", "![training](figures/training.png)", ""]
     if curves_figure(figs / "signals.png", records, unsup_keys, title="label-free signals (target images only)"):

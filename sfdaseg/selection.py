@@ -196,6 +196,7 @@ class TargetMonitor:
         self.tau, self.snd_pixels, self.batch_size, self.device = tau, snd_pixels, batch_size, device
         self.run_dir, self.save_snapshot = run_dir, save_snapshot
         self.alarm = CollapseAlarm()
+        self.last_alarms: list[str] = []  # the messages of the last measurement's alarms
         self.reference = self.measure(source_model)
 
     def _batches(self):
@@ -218,6 +219,7 @@ class TargetMonitor:
         sig = self.reference if step == 0 else self.measure(model, source_hist=ref_hist)
         sig = {**sig, "hist_drift": class_hist_drift(torch.tensor(sig["hist"]), ref_hist)}
         warnings = self.alarm.check(sig, self.reference, self.class_names) if step > 0 else []
+        self.last_alarms = warnings
         for w in warnings:
             logger.warning(f"step {step}: {w}")
         record = {"step": step, **sig, "alarms": warnings}

@@ -31,7 +31,8 @@ def adapt_cfg(tmp_path, source_ckpt, recipe, name, *extra):
         f"recipe={recipe}", f"checkpoint={source_ckpt}", f"train.out={tmp_path / name}", SIZE,
         "data.crop=[32,64]", "data.batch_size=2", "data.num_workers=0", "data.val_batch_size=4",
         f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu", "train.progress=false",
-        "train.tensorboard=false", "train.log_every=1", "method.proto_init_images=4" if recipe == "diga_sf" else
+        "train.tensorboard=false", "train.log_every=1", "monitor.every=0", "monitor.on_collapse=warn",
+        "method.proto_init_images=4" if recipe == "diga_sf" else
         "export=teacher", *extra])
 
 

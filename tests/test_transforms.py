@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sfdaseg.data.transforms import (
+    PairedTransform,
     RandomScale,
     build_eval_transform,
     build_train_transform,
@@ -117,7 +118,7 @@ def test_random_scale_range():
     sizes = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        out = build_train_transform(resize=None, scale_range=(0.5, 1.5), crop=None, hflip=False)(encoded_sample())
+        out = PairedTransform(t)(encoded_sample())
         h, w = out["mask"].shape
         assert 24 <= h <= 72 and 32 <= w <= 96 and out["image"].shape[1:] == (h, w)
         assert abs(w / h - 64 / 48) < 0.1  # aspect kept
@@ -198,3 +199,18 @@ def test_to_model_input():
     assert images.dtype == torch.uint8  # the input is left alone
     with pytest.raises(TypeError, match="uint8"):
         to_model_input(x)
+
+
+def test_without_a_crop_random_scaling_keeps_every_sample_its_size():
+    """Images of one size always stack into a batch: the scaled sample is cropped or padded back to its size."""
+    tf = build_train_transform(resize=None, scale_range=(0.5, 2.0), crop=None, hflip=True, track_valid=True)
+    contents = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        sample = encoded_sample()
+        out = tf(sample)
+        assert out["image"].shape == sample["image"].shape and out["mask"].shape == sample["mask"].shape
+        # Padding (a scale below 1) is ignored in the mask and marked invalid; image pixels are valid.
+        assert torch.equal(out["valid"] == 0, out["mask"] == 255)
+        contents.add(out["image"].float().mean().round().item())
+    assert len(contents) > 3  # the content is still seen at random scales

@@ -2,8 +2,8 @@
 
 ``SyntheticDataset(domain, split)`` generates each sample on the fly from an RNG seeded by
 ``(seed, domain, split, index)``: the same index always gives the same scene (in every DataLoader worker),
-different seeds give different scenes, and the train and val splits never share a scene. Default lengths:
-train 1000, val 200. Scenes are rendered with vectorised numpy, cheap enough for DataLoader workers to keep up
+different seeds give different scenes, and the train, val and test splits never share a scene. Default lengths:
+train 1000, val 200, test 200. Scenes are rendered with vectorised numpy, cheap enough for DataLoader workers to keep up
 with any model trained on them.
 
 Scene geometry is a pinhole camera over a flat street: a road with lane markings between two sidewalks (with
@@ -67,8 +67,9 @@ __all__ = [
 
 DOMAINS: tuple[str, ...] = ("source", "target", "shift")
 # Split codes enter the RNG seed, so train and val can never draw the same scene.
-SPLITS: dict[str, int] = {"train": 0, "val": 1}
-DEFAULT_LENGTHS: dict[str, int] = {"train": 1000, "val": 200}
+# ``test`` is the held-out split every reported number is measured on; ``val`` is for choosing settings.
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+DEFAULT_LENGTHS: dict[str, int] = {"train": 1000, "val": 200, "test": 200}
 DEFAULT_SIZE: tuple[int, int] = (128, 256)
 # The shift domain reuses the target's scene generator and textures, then adds fog; its own domain code keeps
 # its scenes distinct from the target's.
@@ -1001,9 +1002,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     Args:
         domain: ``"source"``, ``"target"`` or ``"shift"`` (see the module docstring).
-        split: ``"train"`` or ``"val"``; the split enters the RNG seed, so the two never share a scene.
+        split: ``"train"``, ``"val"`` (for choosing settings) or ``"test"`` (for reporting); the split enters the
+            RNG seed, so no two splits share a scene.
         size: ``(H, W)`` of the generated images.
-        length: number of samples; ``None`` takes ``DEFAULT_LENGTHS[split]`` (train 1000, val 200).
+        length: number of samples; ``None`` takes ``DEFAULT_LENGTHS[split]`` (train 1000, val 200, test 200).
         seed: benchmark seed; sample ``i`` is drawn from ``np.random.default_rng([seed, domain, split, i])``.
         with_labels: when False, samples have no ``"mask"`` key (adaptation never sees target labels).
         transform: called on the sample dict, when given.

@@ -24,10 +24,12 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
+from sfdaseg.engine.distributed import barrier
 from sfdaseg.storage import atomic_write_text
 
 if TYPE_CHECKING:  # annotations only: the trainer imports this module
@@ -115,14 +117,15 @@ class EvalHook(HookBase):
     """Validation: ``evaluate(model) -> dict`` every ``train.eval_every`` steps and at the end.
 
     ``evaluate`` runs on every rank (it reduces across ranks itself); rank 0 logs ``val/*`` and, at the end,
-    writes ``RUN/eval.json``. The model evaluated is the task's export (the delivered model).
+    writes ``RUN/eval.json``. The model evaluated is the delivered one (after a collapse guard's choice: put the
+    guard before this hook).
     """
 
     def __init__(self, evaluate: Callable[[nn.Module], dict]) -> None:
         self.evaluate = evaluate
 
     def _run(self, trainer: "Trainer") -> dict | None:
-        result = self.evaluate(trainer.task.export_model())
+        result = self.evaluate(trainer.delivered_model())
         if trainer.dist.is_main and result is not None:
             trainer.log_metrics({"step": trainer.step, **{f"val/{k}": v for k, v in result.items()
                                                          if isinstance(v, (int, float))}})
@@ -141,22 +144,78 @@ class EvalHook(HookBase):
             atomic_write_text(trainer.run_dir / "eval.json", json.dumps(result, indent=2))
 
 
-class MonitorHook(HookBase):
-    """Label-free signals: ``monitor(model, step) -> dict`` on rank 0, logged as ``unsup/*``.
+GUARD_POLICIES = ("rollback", "stop", "warn")
 
-    Measured before the first step of a fresh run, every ``every`` steps (0: never in between) and at the end.
+
+class MonitorHook(HookBase):
+    """Label-free signals and the collapse guard: ``monitor(model, step) -> dict`` on rank 0, logged as ``unsup/*``.
+
+    Measured before the first step of a fresh run, every ``every`` steps (0: never in between) and at the end. The
+    dict's ``"alarms"`` (the number of collapse alarms; ``monitor.last_alarms`` their messages) drive the guard:
+
+    - every measurement without an alarm writes the delivered model to ``RUN/guard/healthy.ckpt`` (``save``);
+    - ``on_collapse="warn"``: an alarm is logged, the run goes on and delivers its final model;
+    - ``"stop"``: the run stops at the first alarm and delivers the last healthy snapshot;
+    - ``"rollback"``: the run goes on; when the final measurement raises an alarm, the last healthy snapshot is
+      delivered instead of the final model (the log, ``RUN/guard/state.json`` and the report say so).
+
+    The guard's state (``RUN/guard/state.json``) survives a resume. Under DDP rank 0 measures (``monitor`` may be
+    None on the other ranks) and decides, and every rank follows.
     """
 
-    def __init__(self, monitor: Callable[[nn.Module, int], dict], *, every: int = 0) -> None:
-        self.monitor, self.every = monitor, every
+    def __init__(self, monitor: Callable[[nn.Module, int], dict] | None, *, every: int = 0, on_collapse: str = "warn",
+                 save: Callable[[Path, nn.Module], None] | None = None,
+                 load: Callable[[Path], nn.Module] | None = None) -> None:
+        if on_collapse not in GUARD_POLICIES:
+            raise ValueError(f"MonitorHook: on_collapse must be one of {GUARD_POLICIES}, got {on_collapse!r}")
+        self.monitor, self.every, self.on_collapse = monitor, every, on_collapse
+        self.save, self.load = save, load
+        self.state: dict[str, Any] = {"on_collapse": on_collapse, "healthy_step": None, "alarms": [],
+                                      "measured": [], "delivered_step": None, "rolled_back": False,
+                                      "stopped_at": None}
+
+    def _paths(self, trainer: "Trainer") -> tuple[Path, Path]:
+        folder = trainer.run_dir / "guard"
+        return folder / "healthy.ckpt", folder / "state.json"
+
+    def _write_state(self, trainer: "Trainer") -> None:
+        if trainer.dist.is_main:
+            atomic_write_text(self._paths(trainer)[1], json.dumps(self.state, indent=1))
 
     def _run(self, trainer: "Trainer") -> None:
+        alarm = 0
         if trainer.dist.is_main:
-            values = self.monitor(trainer.task.export_model(), trainer.step)
+            model = trainer.task.export_model()
+            values = self.monitor(model, trainer.step)
             trainer.log_metrics({"step": trainer.step, **{f"unsup/{k}": v for k, v in values.items()}})
+            alarm = int(values.get("alarms", 0))
+            self.state["measured"] = sorted(set(self.state["measured"]) | {trainer.step})
+            if alarm:
+                messages = list(getattr(self.monitor, "last_alarms", []))
+                self.state["alarms"].append({"step": trainer.step, "messages": messages})
+                then = {"warn": "training goes on; the final model is delivered as it is",
+                        "stop": "the run stops and delivers the last healthy snapshot",
+                        "rollback": "training goes on; if the final model is still flagged, the last healthy snapshot "
+                                    "is delivered"}[self.on_collapse]
+                logger.warning(f"collapse guard (monitor.on_collapse={self.on_collapse}): alarm at step "
+                               f"{trainer.step}; {then} (last healthy: step {self.state['healthy_step']})")
+            elif self.save is not None and self.on_collapse != "warn":
+                self.save(self._paths(trainer)[0], model)
+                self.state["healthy_step"] = trainer.step
+            self._write_state(trainer)
         trainer.train_mode()
+        if self.on_collapse == "stop" and _broadcast_flag(alarm, trainer) and not trainer.is_last_step:
+            trainer.stop_requested = True
+            self.state["stopped_at"] = trainer.step
 
     def before_train(self, trainer: "Trainer") -> None:
+        path = self._paths(trainer)[1]
+        if trainer.step > 0 and path.exists():  # a resume: the guard goes on from where it was
+            saved = json.loads(path.read_text())
+            # Measurements after the resumed step are made again (a resume repeats those steps exactly).
+            saved["measured"] = [m for m in saved.get("measured", []) if m <= trainer.step]
+            saved["alarms"] = [a for a in saved.get("alarms", []) if a["step"] <= trainer.step]
+            self.state = {**self.state, **saved, "stopped_at": None}
         if trainer.step == 0:
             self._run(trainer)  # the starting point: for a source-free run, the source model's signals
 
@@ -165,4 +224,33 @@ class MonitorHook(HookBase):
             self._run(trainer)
 
     def after_train(self, trainer: "Trainer") -> None:
-        self._run(trainer)
+        if self.state["stopped_at"] != trainer.step:  # a stop was measured at its own step
+            self._run(trainer)
+        final_alarm = bool(self.state["alarms"]) and self.state["alarms"][-1]["step"] == trainer.step
+        healthy = self.state["healthy_step"]
+        roll = self.on_collapse in ("rollback", "stop") and final_alarm and healthy is not None
+        if _broadcast_flag(int(roll), trainer):
+            barrier()  # rank 0 wrote the snapshot; every rank delivers (and evaluates) the same model
+            trainer.delivered = self.load(self._paths(trainer)[0]).to(trainer.device)
+            self.state.update(delivered_step=healthy, rolled_back=True)
+            logger.warning(f"collapse guard: the final model (step {trainer.step}) raised an alarm; delivering the "
+                           f"last healthy snapshot instead, from step {healthy} ({self._paths(trainer)[0]})")
+        else:
+            self.state.update(delivered_step=trainer.step, rolled_back=False)
+            if final_alarm:
+                logger.warning(f"collapse guard: the delivered final model (step {trainer.step}) raised a collapse "
+                               f"alarm" + ("" if healthy is not None or self.on_collapse == "warn" else
+                                           "; no healthy snapshot to fall back on"))
+        self._write_state(trainer)
+
+
+def _broadcast_flag(value: int, trainer: "Trainer") -> bool:
+    """Rank 0's ``value`` on every rank (a collective: all ranks call it at the same point)."""
+    if not trainer.dist.distributed:
+        return bool(value)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=trainer.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())  # host sync: once per measurement

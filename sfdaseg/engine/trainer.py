@@ -120,6 +120,10 @@ class Trainer:
         self.hooks: list[HookBase] = [ProgressHook(), TensorBoardHook(), *hooks]
         self.step = 0
         self.last_data_wait = 0.0  # seconds the last step waited for its batch(es)
+        # Set by hooks: stop after the current step (a collapse guard), and the model to deliver instead of the
+        # task's export (a healthy snapshot).
+        self.stop_requested = False
+        self.delivered: nn.Module | None = None
         self.global_batch = batch_size * train_cfg.accumulate * dist_info.world_size
         self.amp_dtype = AMP_DTYPES[train_cfg.amp]
         self.modules = dict(task.trainable_modules())
@@ -141,7 +145,11 @@ class Trainer:
 
     @property
     def is_last_step(self) -> bool:
-        return self.step == self.cfg.iters
+        return self.step == self.cfg.iters or self.stop_requested
+
+    def delivered_model(self) -> nn.Module:
+        """The model the run delivers: the task's export, unless a hook chose another (a healthy snapshot)."""
+        return self.delivered if self.delivered is not None else self.task.export_model()
 
     # ---------------------------------------------------------------- set-up helpers
 
@@ -279,10 +287,16 @@ class Trainer:
             self._call("before_train")
             self.train_mode()
             self._logs = _LogWindow(self.device)
-            while self.step < self.cfg.iters:
+            while self.step < self.cfg.iters and not self.stop_requested:
                 self._call("before_step")
                 self._run_step(data)
                 self._call("after_step")
+                if self.stop_requested and not (self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.iters):
+                    # The step a hook stopped at is logged and saved like a last one.
+                    if self._logs.count:
+                        self._flush_logs(self._lr)
+                    if self.checkpoints:
+                        self.save_state()
             if self.dist.distributed:
                 diff = self._replica_max_abs_diff()
                 self.log_metrics({"step": self.step, "replica_max_abs_diff": diff})
@@ -291,7 +305,7 @@ class Trainer:
             self._call("after_train")
             model_path = self.run_dir / MODEL_FILE
             if self.dist.is_main:
-                self.save_model_fn(model_path, self.task.export_model())
+                self.save_model_fn(model_path, self.delivered_model())
             barrier()
         finally:
             self._call("close")
@@ -303,7 +317,7 @@ class Trainer:
         # Per-step reseed: dropout and any random choice in the task depend on (seed, rank, step) only, so a
         # resumed run continues exactly as an uninterrupted one would.
         torch.manual_seed(sample_seed(cfg.seed + 7919 * (self.dist.rank + 1), step))
-        lr = self._set_lr(step)
+        lr = self._lr = self._set_lr(step)
         step_loss = torch.zeros((), device=self.device)
         self.last_data_wait = 0.0
         for micro in range(cfg.accumulate):

@@ -29,6 +29,7 @@ from sfdaseg.offline_labels import OfflineLabelCache, WithOfflineLabels, build_o
 from sfdaseg.report import write_adapt_report
 from sfdaseg.runs.common import dataset_from_spec, evaluate_extra, evaluate_model, val_loaders
 from sfdaseg.selection import TargetMonitor
+from sfdaseg.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -113,36 +114,66 @@ def run_adapt(cfg: AdaptConfig) -> Path:
 
     loaders = val_loaders(d, num_classes=classes.num_classes, device=device, owner="the model has")
 
-    hooks = []
-    if "val" in loaders:
-        hooks.append(EvalHook(lambda m: evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()))
-
     config = to_dict(cfg)
     meta = {"recipe": cfg.recipe, "source_checkpoint": str(cfg.checkpoint), "exported": cfg.export}
-    if cfg.monitor.every >= 0 and dist_info.is_main:
-        monitor = _build_monitor(cfg, model, classes, device, run_dir, config=config, meta=meta)
-        hooks.append(MonitorHook(monitor, every=max(cfg.monitor.every, 0)))
+    hooks = []
+    every = cfg.monitor.interval(cfg.train.iters)
+    guard = None
+    if every >= 0:  # the guard runs on every rank (rank 0 measures and decides), before the final evaluation
+        monitor = _build_monitor(cfg, model, classes, device, run_dir, config=config, meta=meta) \
+            if dist_info.is_main else None
+        guard = MonitorHook(monitor, every=every, on_collapse=cfg.monitor.on_collapse,
+                            save=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta),
+                            load=lambda path: load_model(path)[0])
+        hooks.append(guard)
+    if "val" in loaders:
+        hooks.append(EvalHook(lambda m: evaluate_model(m, loaders["val"], device=device, eval_cfg=cfg.eval).to_dict()))
     trainer = Trainer(task, train_ds, train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=d.batch_size,
                       num_workers=d.num_workers, device=device, dist_info=dist_info, run_dir=run_dir,
                       hooks=hooks, config=config, collate_fn=collate,
-                      save_model=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta))
+                      save_model=lambda path, m: save_model(path, m, classes=classes, config=config,
+                                                             meta={**meta, **_delivery(guard)}))
     path = trainer.train(resume=cfg.train.resume)
+    delivered = trainer.delivered_model()
     if dist_info.is_main:
         # Models a recipe trains beside the delivered one (duda's large teacher): RUN/<name>.ckpt each, written
         # after model.ckpt and atomically like it, so a later `distill` or `evaluate` can use them.
         for name, net in task.extra_exports().items():
             save_model(run_dir / f"{name}.ckpt", net, classes=classes, config=config, meta={**meta, "exported": name})
 
-    results = evaluate_extra(task.export_model(), loaders, device=device, eval_cfg=cfg.eval, run_dir=run_dir,
+    results = evaluate_extra(delivered, loaders, device=device, eval_cfg=cfg.eval, run_dir=run_dir,
                              is_main=dist_info.is_main)
+    if dist_info.is_main:
+        _write_metrics(run_dir, guard, results)
     if cfg.report and dist_info.is_main:
-        report = _write_report(cfg, task.export_model(), classes, device, run_dir, loaders, results)
+        report = _write_report(cfg, delivered, classes, device, run_dir, loaders, results,
+                               guard=guard.state if guard is not None else None)
         logger.info(f"report: {report}")
     return path
 
 
+def _delivery(guard: MonitorHook | None) -> dict:
+    """What the checkpoint's meta says about the collapse guard's choice (read when the model is saved)."""
+    if guard is None:
+        return {}
+    return {"delivered_step": guard.state["delivered_step"], "rolled_back": guard.state["rolled_back"]}
+
+
+def _write_metrics(run_dir: Path, guard: MonitorHook | None, extra: dict) -> None:
+    """RUN/metrics.json: the final evaluation (when a labelled split was given) and the collapse guard's record."""
+    metrics: dict = {}
+    if (run_dir / "eval.json").exists():
+        metrics["val"] = json.loads((run_dir / "eval.json").read_text())
+    if extra:
+        metrics["val_extra"] = extra
+    if guard is not None:
+        metrics["guard"] = guard.state
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+
 @torch.no_grad()
-def _write_report(cfg: AdaptConfig, adapted, classes, device, run_dir: Path, loaders: dict, extra_results: dict):
+def _write_report(cfg: AdaptConfig, adapted, classes, device, run_dir: Path, loaders: dict, extra_results: dict,
+                  guard: dict | None = None):
     """report.md / report.html: the source model is reloaded to show before vs after on the same images."""
     d = cfg.data
     source = load_model(cfg.checkpoint, map_location="cpu")[0].to(device).eval()
@@ -173,7 +204,7 @@ def _write_report(cfg: AdaptConfig, adapted, classes, device, run_dir: Path, loa
                     "adapted": r["miou"]} for name, r in extra_results.items()}
     adapted.train(was_training)
     return write_adapt_report(run_dir, recipe=cfg.recipe, classes=classes, predictions=preds, images=images,
-                              labels=labels, maps=maps, per_class=per_class, extra=extra or None)
+                              labels=labels, maps=maps, per_class=per_class, extra=extra or None, guard=guard)
 
 
 

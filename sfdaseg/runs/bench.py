@@ -6,14 +6,18 @@ Protocol (the README's results come from this command):
   adaptation; seeds vary the adaptation only;
 - one target oracle (the same architecture trained on labelled target *training* data) gives the upper bound
   no recipe may use; gap closure = (adapted - source) / (oracle - source);
-- every run adapts for a fixed schedule and the *final* checkpoint is scored: no label picks a checkpoint;
-- every model is scored on ``val`` (target) and on the held-out ``val_extra`` domains, so overfitting the
-  target style shows;
+- every recipe runs at its shipped defaults (the benchmark only says what its data need: crop, batch size,
+  schedule length); every run adapts for a fixed schedule and delivers its final model, or the collapse guard's
+  last healthy snapshot: no label picks a checkpoint;
+- every model is scored on ``test`` (the headline), on ``val`` (the split settings are chosen on) and on the
+  held-out ``val_extra`` domains, so overfitting the target style shows; the table counts how often a recipe
+  ended below the source model and how often the guard rolled back;
 - each run keeps ``snapshots`` checkpoints with their label-free signals (``RUN/selection.jsonl``); bench then
   scores every snapshot with labels *after the fact* and reports how well each signal ranks them (Spearman),
   so a user knows which signal to trust when there are no labels.
 
-Finished runs and scores are reused, so an interrupted bench continues where it stopped.
+Finished runs and scores are reused, so an interrupted bench continues where it stopped. Any folder benchmark
+works (``--source``, ``--target``, ``--val``, ``--test``, ``oracle=``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sfdaseg.config import AdaptConfig, BenchConfig, EvalConfig, TrainSourceConfig, load_config, to_dict
+from sfdaseg.config import AdaptConfig, BenchConfig, ConfigError, EvalConfig, TrainSourceConfig, load_config, to_dict
 from sfdaseg.models import load_model
 from sfdaseg.engine.distributed import resolve_device
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.runs.common import eval_loader, evaluate_model
 from sfdaseg.runs.train_source import run_train_source
 from sfdaseg.selection import SIGNAL_SIGN, SIGNALS, spearman
+from sfdaseg.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +88,13 @@ def _rows(cfg: BenchConfig) -> list[tuple[str, str, list[str], int]]:
     return rows
 
 
-def _synthetic_overrides(cfg: BenchConfig, *, prefix: str) -> list[str]:
-    if not cfg.synthetic:
+def _is_synthetic(spec: str) -> bool:
+    return spec.split(":", 1)[0].strip().lower() == "synthetic"
+
+
+def _synthetic_overrides(cfg: BenchConfig, spec: str, *, prefix: str) -> list[str]:
+    """The built-in benchmark's generator options (and its whole-image crop) for runs on a synthetic dataset."""
+    if not cfg.synthetic or not _is_synthetic(spec):
         return []
     out = [f"{prefix}synthetic={json.dumps(cfg.synthetic)}"]
     size = cfg.synthetic.get("size")
@@ -99,7 +109,7 @@ def _train_source(cfg: BenchConfig, out: Path, data: str) -> Path:
     tcfg = load_config(TrainSourceConfig, file=cfg.source_config or None, overrides=[
         f"data.train={data}", "data.val=null", f"train.iters={cfg.source_iters}", f"train.out={out}",
         f"train.device={cfg.device}", "train.resume=true", "train.progress=false",
-        *_synthetic_overrides(cfg, prefix="data.")])
+        *_synthetic_overrides(cfg, data, prefix="data."), *cfg.source_overrides])
     return run_train_source(tcfg)
 
 
@@ -108,15 +118,14 @@ def _adapt(cfg: BenchConfig, out: Path, recipe: str, overrides: list[str], seed:
         return out / "model.ckpt"
     base = cfg.adapt_config.format(recipe=recipe) if cfg.adapt_config else None
     if base and not Path(base).is_file():
-        base = None  # no per-recipe file: the recipe's defaults
-    monitor = ["monitor.every=-1"]
-    if cfg.snapshots:
-        monitor = [f"monitor.every={max(1, cfg.adapt_iters // cfg.snapshots)}", "monitor.keep_checkpoints=true"]
+        raise ConfigError(f"adapt_config: no such file: {base} (for recipe {recipe})")
+    monitor = [f"monitor.every={max(1, cfg.adapt_iters // cfg.snapshots)}", "monitor.keep_checkpoints=true"] \
+        if cfg.snapshots else []
     acfg = load_config(AdaptConfig, file=base, overrides=[
         f"recipe={recipe}", f"checkpoint={source}", f"train.out={out}", f"train.seed={seed}",
         f"train.iters={cfg.adapt_iters}", f"train.device={cfg.device}", "train.resume=true", "train.progress=false",
         f"data.target={cfg.target}", "data.val=null", "data.val_extra=[]", f"data.cache_dir={Path(cfg.out) / 'cache'}",
-        *_synthetic_overrides(cfg, prefix="data."), *monitor, *cfg.overrides,
+        *_synthetic_overrides(cfg, cfg.target, prefix="data."), *monitor, *cfg.overrides,
         *cfg.recipe_overrides.get(recipe, []), *overrides])
     t = time.perf_counter()
     path = run_adapt(acfg)
@@ -124,14 +133,25 @@ def _adapt(cfg: BenchConfig, out: Path, recipe: str, overrides: list[str], seed:
     return path
 
 
+def _guard(run_dir: Path) -> dict[str, Any]:
+    """What the collapse guard did in a run (``RUN/metrics.json``): rolled back or not, alarms."""
+    path = run_dir / "metrics.json"
+    guard = json.loads(path.read_text()).get("guard") if path.exists() else None
+    if not guard:
+        return {"rolled_back": False, "alarms": 0, "delivered_step": None}
+    return {"rolled_back": bool(guard.get("rolled_back")), "alarms": len(guard.get("alarms", [])),
+            "delivered_step": guard.get("delivered_step")}
+
+
 class Scorer:
-    """Scores checkpoints on the labelled splits, caching the result next to each checkpoint."""
+    """Scores checkpoints on the labelled splits (``test``, ``val``, held-out domains), cached beside each one."""
 
     def __init__(self, cfg: BenchConfig, device) -> None:
         synthetic = {**cfg.synthetic, "length": cfg.val_length} if cfg.synthetic else {}
         self.device = device
+        splits = [("test", cfg.test)] + ([("val", cfg.val)] if cfg.val else []) + [(v, v) for v in cfg.val_extra]
         self.loaders = {name: eval_loader(spec, resize=None, batch_size=16, num_workers=0, synthetic=synthetic)
-                        for name, spec in [("target", cfg.val)] + [(s, s) for s in cfg.val_extra]}
+                        for name, spec in splits}
 
     def __call__(self, ckpt: Path, *, splits: list[str] | None = None) -> dict[str, float]:
         cache = ckpt.with_suffix(".scores.json")
@@ -160,7 +180,7 @@ def _signal_points(run_dir: Path, scorer: Scorer, source_score: float) -> list[d
         if step == 0:
             miou = source_score
         elif "checkpoint" in rec and Path(rec["checkpoint"]).exists():
-            miou = scorer(Path(rec["checkpoint"]), splits=["target"])["target"]
+            miou = scorer(Path(rec["checkpoint"]), splits=["test"])["test"]
         else:
             continue
         points.append({"step": step, "miou": miou, **{k: rec[k] for k in SIGNALS if k in rec}})
@@ -213,64 +233,75 @@ def run_bench(cfg: BenchConfig, *, command: str = "sfdaseg bench") -> Path:
     src_t = time.perf_counter()
     source = Path(cfg.source_checkpoint) if cfg.source_checkpoint else _train_source(cfg, out / "source-only",
                                                                                       cfg.source)
-    results["source-only"] = {"runs": [scorer(source)], "checkpoint": str(source), "seeds": [],
+    results["source-only"] = {"runs": [scorer(source)], "checkpoint": str(source), "seeds": [], "guard": [],
                               "wall_s": float("nan") if cfg.source_checkpoint else time.perf_counter() - src_t}
     if cfg.oracle_checkpoint or cfg.oracle:
         o_t = time.perf_counter()
         oracle = Path(cfg.oracle_checkpoint) if cfg.oracle_checkpoint else _train_source(cfg, out / "oracle",
                                                                                           cfg.oracle)
-        results["oracle"] = {"runs": [scorer(oracle)], "checkpoint": str(oracle), "seeds": [],
+        results["oracle"] = {"runs": [scorer(oracle)], "checkpoint": str(oracle), "seeds": [], "guard": [],
                              "wall_s": float("nan") if cfg.oracle_checkpoint else time.perf_counter() - o_t}
-    src_score = results["source-only"]["runs"][0]["target"]
+    src = results["source-only"]["runs"][0]
 
     signal_runs = []
     for name, recipe, overrides, seeds in _rows(cfg):
-        runs, walls = [], []
+        runs, walls, guards = [], [], []
         for seed in range(seeds):
             folder = out / slug(name) / f"seed{seed}"
             ckpt = _adapt(cfg, folder, recipe, overrides, seed, source)
             runs.append(scorer(ckpt))
+            guards.append(_guard(folder))
             timing = folder / "bench_time.json"
             walls.append(json.loads(timing.read_text())["wall_s"] if timing.exists() else float("nan"))
-            points = _signal_points(folder, scorer, src_score)
+            points = _signal_points(folder, scorer, src["test"])
             if points:
                 signal_runs.append(points)
             logger.info(f"bench: {name} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()))
         results[name] = {"recipe": recipe, "overrides": overrides, "seeds": list(range(seeds)), "runs": runs,
-                         "wall_s": statistics.fmean(walls) if walls else float("nan")}
+                         "guard": guards, "wall_s": statistics.fmean(walls) if walls else float("nan")}
 
-    orc = results.get("oracle", {}).get("runs", [{}])[0].get("target")
+    orc = results.get("oracle", {}).get("runs", [{}])[0].get("test")
     for name, r in results.items():
-        tgt = [x["target"] for x in r["runs"]]
-        r["target_mean"] = statistics.fmean(tgt)
-        r["target_std"] = statistics.stdev(tgt) if len(tgt) > 1 else 0.0
+        test = [x["test"] for x in r["runs"]]
+        r["test_mean"] = statistics.fmean(test)
+        r["test_std"] = statistics.stdev(test) if len(test) > 1 else 0.0
+        r["val_mean"] = statistics.fmean(x["val"] for x in r["runs"]) if cfg.val else None
         r["extra_mean"] = {s: statistics.fmean(x[s] for x in r["runs"]) for s in cfg.val_extra}
-        r["gap_closure"] = ((r["target_mean"] - src_score) / (orc - src_score)
-                            if orc is not None and orc != src_score and name not in ("source-only", "oracle")
-                            else None)
+        adapted = name not in ("source-only", "oracle")
+        r["gap_closure"] = ((r["test_mean"] - src["test"]) / (orc - src["test"])
+                            if orc is not None and orc != src["test"] and adapted else None)
+        r["below_source"] = sum(t < src["test"] for t in test) if adapted else None
+        r["rolled_back"] = sum(g["rolled_back"] for g in r["guard"]) if adapted else None
     ranking = signal_ranking(signal_runs) if signal_runs else {}
 
+    val_col = " val mIoU (for choosing) |" if cfg.val else ""
     extra_cols = "".join(f" {s} mIoU (held out) |" for s in cfg.val_extra)
     lines = [
         f"`{command}`",
         "",
-        f"Source model: {results['source-only']['checkpoint']}; target {cfg.target}, scored on {cfg.val}; "
-        f"{cfg.adapt_iters} adaptation iterations, final checkpoint (no labels pick it); mIoU in %; "
-        f"device {device}.",
+        f"Source model: {results['source-only']['checkpoint']}; target {cfg.target}; reported on the test split "
+        f"{cfg.test} (settings are chosen on {cfg.val or 'no split'}); every recipe at its shipped defaults, "
+        f"{cfg.adapt_iters} adaptation iterations, the final checkpoint or the collapse guard's last healthy "
+        f"snapshot (no label picks it); mIoU in %; device {device}.",
         "",
-        f"| model | seeds | target mIoU (mean +- std) | gap closure |{extra_cols} wall time / run |",
-        "|---|---:|---:|---:|" + "---:|" * len(cfg.val_extra) + "---:|",
+        f"| model | seeds | test mIoU (mean +- std) | gap closure | runs below source-only | guard rolled back |"
+        f"{val_col}{extra_cols} wall time / run |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if cfg.val else "") + "---:|" * len(cfg.val_extra) + "---:|",
     ]
     for name, r in results.items():
         gc = "-" if r["gap_closure"] is None else f"{100 * r['gap_closure']:.0f}%"
+        n = len(r["runs"])
+        below = "-" if r["below_source"] is None else f"{r['below_source']}/{n}"
+        rolled = "-" if r["rolled_back"] is None else f"{r['rolled_back']}/{n}"
+        val = f" {r['val_mean']:.1f} |" if cfg.val else ""
         extras = "".join(f" {r['extra_mean'][s]:.1f} |" for s in cfg.val_extra)
-        lines.append(f"| {name} | {len(r['runs'])} | {r['target_mean']:.1f} +- {r['target_std']:.1f} | {gc} |"
-                     f"{extras} {_fmt(r['wall_s'], '.0f')} s |")
+        lines.append(f"| {name} | {n} | {r['test_mean']:.1f} +- {r['test_std']:.1f} | {gc} | {below} | {rolled} |"
+                     f"{val}{extras} {_fmt(r['wall_s'], '.0f')} s |")
     if ranking:
         n_ckpt = sum(len(r) for r in signal_runs)
         lines += [
             "",
-            f"Label-free signals vs true target mIoU over {n_ckpt} checkpoints of {len(signal_runs)} runs "
+            f"Label-free signals vs true test mIoU over {n_ckpt} checkpoints of {len(signal_runs)} runs "
             f"(Spearman, oriented so +1 is perfect; 'picked' = mean mIoU of the checkpoint each signal picks "
             f"per run, against the final checkpoint and the best one, which only labels could find):",
             "",
@@ -283,9 +314,9 @@ def run_bench(cfg: BenchConfig, *, command: str = "sfdaseg bench") -> Path:
                          f"{_fmt(v['within_run'])} | {_fmt(v['picked_miou'], '.1f')} | "
                          f"{_fmt(v.get('final_miou'), '.1f')} | {_fmt(v.get('best_miou'), '.1f')} |")
     table = "\n".join(lines) + "\n"
-    (out / "results.json").write_text(json.dumps({
+    atomic_write_text(out / "results.json", json.dumps({
         "command": command, "config": to_dict(cfg), "results": results, "signal_ranking": ranking,
         "signal_points": signal_runs, "total_s": time.perf_counter() - t0}, indent=2))
-    (out / "results.md").write_text(table)
+    atomic_write_text(out / "results.md", table)
     print(table, file=sys.stderr)
     return out / "results.md"
