@@ -8,18 +8,22 @@ checkpoint prints its path as the last line of stdout, so ``ckpt=$(sfdaseg train
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
 import textwrap
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from sfdaseg.config import (AdaptConfig, BenchConfig, ConfigError, DemoConfig, DistillConfig, EvaluateConfig,
                             ExportConfig, PredictConfig, TrainSourceConfig, load_config, parse_override)
+from sfdaseg.config_base import describe_range, type_name
 from sfdaseg.data.datasets import DatasetError
 from sfdaseg.engine.trainer import NonFiniteLossError
 from sfdaseg.log import setup_logging
+from sfdaseg.methods import RECIPES, get_recipe
 from sfdaseg.models import WeightsError
 from sfdaseg.runs.adapt import run_adapt
 from sfdaseg.runs.bench import run_bench
@@ -225,20 +229,63 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# Said in the --help of the commands that train (the rule behind data.crop / data.scale_range).
+_SIZE_RULE = ("data: without data.crop, the random scale (data.scale_range) is followed by a random crop (or "
+              "padding) back to the image's own size, so images of one size always form a batch; with data.crop, "
+              "every sample is cropped (and padded) to that size. Images of different sizes need data.crop or "
+              "data.resize.")
+_NOTES = {
+    "train-source": _SIZE_RULE + " data.val defaults to the built-in benchmark's val split for synthetic data, "
+                    "to none otherwise. Imbalanced classes: loss.class_weight=auto, loss.ohem=true, "
+                    "model.aux_head=true (loss.aux_weight).",
+    "adapt": _SIZE_RULE + " `sfdaseg adapt --recipe NAME --help` lists the recipe's method.* keys with their type, "
+             "default, accepted values and origin. Recipes: " + ", ".join(RECIPES) + ".",
+}
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("sfdaseg")
+    except PackageNotFoundError:  # running from a checkout that was not installed
+        from sfdaseg import __version__
+
+        return __version__
+
+
+def recipe_help(name: str) -> str:
+    """The ``method.*`` keys of recipe ``name``: type, default, accepted values, origin and meaning."""
+    recipe = get_recipe(name)
+    hints = typing.get_type_hints(recipe.config_cls)
+    rows = [f"method.* keys of recipe {name!r} ({recipe.summary}); origin: published = the paper or its official "
+            "code, reconstructed = the mechanism is published, the value is ours, ours = our design:", ""]
+    for f in dataclasses.fields(recipe.config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        accepted = describe_range(f.metadata) or "-"
+        rows.append(f"  method.{f.name}  {type_name(hints[f.name])} = {default!r}; accepted: {accepted}; "
+                    f"{f.metadata.get('origin', 'ours')}. {f.metadata.get('help', '')}".rstrip())
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfdaseg",
         description="Source-free domain adaptation for semantic segmentation.",
         epilog="Every command takes --config FILE and key=value overrides; `sfdaseg COMMAND --help` shows examples.",
     )
+    parser.add_argument("--version", action="version", version=f"sfdaseg {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}  # type: ignore[attr-defined]
     for cmd in COMMANDS.values():
+        notes = f"\n\n{textwrap.fill(_NOTES[cmd.name], 110)}" if cmd.name in _NOTES else ""
         p = sub.add_parser(
             cmd.name, help=cmd.summary, description=cmd.summary,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog="examples:\n" + textwrap.indent(textwrap.dedent(cmd.examples), "  ")
-            + "\n\nkey=value overrides set any config key (a.b=c); values are YAML ([1, 2], null, true).",
+            + "\n\nkey=value overrides set any config key (a.b=c); values are YAML ([1, 2], null, true)." + notes,
         )
+        parser.commands[cmd.name] = p  # type: ignore[attr-defined]
         p.add_argument("--config", metavar="FILE", help="YAML config; flags and key=value overrides win over it")
         for f in cmd.flags:
             if f.switch:
@@ -265,8 +312,31 @@ def _flag_values(cmd: Command, ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _help_recipe(argv: list[str]) -> str | None:
+    """``adapt --help`` naming a recipe (``--recipe R`` or ``recipe=R``): that recipe, else None."""
+    if argv[:1] != ["adapt"] or not ({"-h", "--help"} & set(argv)):
+        return None
+    for i, a in enumerate(argv):
+        if a == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(("--recipe=", "recipe=")):
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    recipe = _help_recipe(args)
+    if recipe is not None:
+        try:
+            get_recipe(recipe)
+        except ConfigError as e:
+            print(f"sfdaseg adapt: error: {e}", file=sys.stderr)
+            return 2
+        print(parser.commands["adapt"].format_help())  # type: ignore[attr-defined]
+        print(recipe_help(recipe))
+        return 0
     # key=value overrides may sit before, between or after the flags: argparse's nargs="*" positional takes only
     # one contiguous group, so the rest come back as unknown arguments and are collected here.
     ns, unknown = parser.parse_known_args(argv)

@@ -21,7 +21,7 @@ from sfdaseg.models import MODELS, model_options
 
 __all__ = [
     "AdaptConfig", "AdaptDataConfig", "BenchConfig", "ConfigError", "DataConfig", "DemoConfig", "DistillConfig",
-    "EvalConfig", "EvaluateConfig", "ExportConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
+    "EvalConfig", "EvaluateConfig", "ExportConfig", "LossConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
     "PipelineConfig", "PredictConfig", "TrainConfig", "TrainSourceConfig", "choices", "from_dict",
     "load_config", "load_yaml", "merge", "nest", "parse_override", "to_dict", "to_yaml", "validate_tree",
 ]
@@ -37,6 +37,7 @@ class ModelConfig:
     name: str = "tiny"
     weights: str | None = None  # local path only: our checkpoint, a Hugging Face folder, a torchvision state dict
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model builder
+    aux_head: bool = False  # an auxiliary (deep-supervision) FCN head on an intermediate stage, loss.aux_weight
 
     def validate(self, prefix: str = "model") -> None:
         if self.name not in MODELS:
@@ -54,12 +55,16 @@ class ModelConfig:
                 + ", ".join(f"{k} (default {v!r})" for k, v in accepted.items())
                 + suggest(unknown[0], list(accepted))
             )
+        if self.aux_head and "aux_head" not in accepted:
+            raise ConfigError(f"{prefix}.aux_head: model '{self.name}' has no auxiliary head (its decoder already "
+                              "reads every encoder stage); models with one: "
+                              + ", ".join(m for m in MODELS if "aux_head" in model_options(m)))
 
 
 @dataclass
 class DataConfig:
     train: str = "synthetic:source:train"  # KIND:ROOT[:SPLIT]
-    val: str | None = "synthetic:source:val"
+    val: str | None = "auto"  # labelled val split; auto: the built-in benchmark's own val split, else none
     resize: tuple[int, int] | None = None  # (H, W) before random scale / crop; None keeps the native size
     scale_range: tuple[float, float] = (0.75, 1.5)
     crop: tuple[int, int] | None = None  # (H, W) random crop; None keeps the whole (resized) image
@@ -71,9 +76,10 @@ class DataConfig:
     val_batch_size: int = 4
     on_error: str = choices("raise", "skip", default="raise", help="bad files: stop, or skip with a warning")
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the built-in benchmark (size, length, seed)
+    check_labels: bool = True  # read every training mask once first: class frequencies, masks with no label
 
     def validate(self) -> None:
-        _check_dataset_specs("data", train=self.train, val=self.val)
+        _check_dataset_specs("data", train=self.train, val=self.val_split())
         positive("data.batch_size", self.batch_size)
         positive("data.val_batch_size", self.val_batch_size)
         if self.num_workers < 0:
@@ -85,6 +91,38 @@ class DataConfig:
             size = getattr(self, key)
             if size is not None and min(size) <= 0:
                 raise ConfigError(f"data.{key}: expected positive (H, W), got {list(size)}")
+
+    def val_split(self) -> str | None:
+        """``val``, with ``auto`` resolved: ``synthetic:DOMAIN:val`` for the built-in benchmark, else none."""
+        if self.val != "auto":
+            return self.val
+        kind, _, rest = self.train.partition(":")
+        return f"synthetic:{rest.split(':')[0]}:val" if kind.strip().lower() == "synthetic" else None
+
+
+@dataclass
+class LossConfig:
+    """The supervised loss of ``train-source``: cross-entropy with the tools for imbalanced classes."""
+
+    class_weight: list[float] | str | None = None  # per-class CE weights, or auto: inverse class frequency
+    ohem: bool = False  # online hard example mining: the hardest pixels only (mmsegmentation's OHEM)
+    ohem_thresh: float = 0.7  # a pixel is hard when its true class's probability is below this
+    ohem_min_kept: int | None = None  # hardest pixels kept at least, per batch; null: a fifth of its pixels
+    aux_weight: float = 0.4  # weight of the auxiliary head's CE (model.aux_head=true)
+
+    def validate(self) -> None:
+        cw = self.class_weight
+        if isinstance(cw, str) and cw != "auto":
+            raise ConfigError(f"loss.class_weight: expected a list of weights (one per class), 'auto' or null, "
+                              f"got {cw!r}")
+        if isinstance(cw, list) and (not cw or min(cw) < 0):
+            raise ConfigError(f"loss.class_weight: expected a non-empty list of weights >= 0, got {cw}")
+        if not 0.0 < self.ohem_thresh <= 1.0:
+            raise ConfigError(f"loss.ohem_thresh: expected a probability in (0, 1], got {self.ohem_thresh}")
+        if self.ohem_min_kept is not None:
+            positive("loss.ohem_min_kept", self.ohem_min_kept)
+        if self.aux_weight < 0:
+            raise ConfigError(f"loss.aux_weight: expected a weight >= 0, got {self.aux_weight}")
 
 
 @dataclass
@@ -180,6 +218,7 @@ class TrainSourceConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -318,7 +357,7 @@ class BenchConfig:
     source_overrides: list[str] = field(default_factory=list)  # key=value overrides of the source/oracle training
     source_iters: int = 1000
     target: str = "synthetic:target:train"  # unlabelled: only its images are read during adaptation
-    val: str = "synthetic:target:val"  # labelled target split for choosing settings (scored, not the headline)
+    val: str | None = "synthetic:target:val"  # labelled target split for choosing settings (scored, not the headline)
     test: str = "synthetic:target:test"  # labelled target split every reported number is measured on
     val_extra: list[str] = field(default_factory=lambda: ["synthetic:shift:val"])  # held-out domains
     oracle: str = "synthetic:target:train"  # labelled target *training* data for the oracle row; "" skips it

@@ -21,33 +21,94 @@ import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar, get_args, get_origin
 
 import yaml
 
 T = TypeVar("T")
 
 __all__ = [
-    "ConfigError", "Section", "choices", "from_dict", "load_config", "load_yaml", "merge", "nest", "parse_override",
-    "positive", "suggest", "to_dict", "to_yaml", "validate_tree",
+    "ConfigError", "ORIGINS", "Section", "check_param", "choices", "describe_range", "param", "from_dict", "load_config", "load_yaml", "merge", "nest", "parse_override",
+    "positive", "suggest", "to_dict", "type_name", "to_yaml", "validate_tree",
 ]
 
 
+ORIGINS = ("published", "reconstructed", "ours")
+
+
 class Section:
-    """Optional base of a config dataclass: a cooperative ``validate()`` (mixins call ``super().validate()``)."""
+    """Optional base of a config dataclass whose fields are declared with :func:`param` / :func:`choices`.
+
+    ``validate()`` checks every field against its declared range (``ge``/``gt``/``le``/``lt``, elementwise for
+    lists), choices and non-emptiness, with an error naming ``key_prefix + name`` and what is accepted; subclasses
+    add cross-field checks and call ``super().validate()`` first (mixins cooperate through it).
+    """
+
+    key_prefix: ClassVar[str] = ""
 
     def validate(self) -> None:
-        pass
+        for f in fields(self):  # type: ignore[arg-type]
+            check_param(self.key_prefix + f.name, getattr(self, f.name), f.metadata)
+
+
+def param(default: Any = MISSING, *, default_factory: Any = MISSING, ge: float | None = None,
+          gt: float | None = None, le: float | None = None, lt: float | None = None, nonempty: bool = False,
+          origin: str = "ours", help: str = "") -> Any:
+    """A config field with its accepted range, checked by :meth:`Section.validate`.
+
+    ``origin`` says where its default comes from: ``"published"`` (a paper or its official code),
+    ``"reconstructed"`` (the mechanism is published, the value is our design) or ``"ours"``; ``sfdaseg adapt
+    --recipe R --help`` lists it.
+    """
+    if origin not in ORIGINS:
+        raise ValueError(f"param: origin must be one of {ORIGINS}, got {origin!r}")
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "nonempty": nonempty, "origin": origin, "help": help}
+    kw = {"default": default} if default is not MISSING else {}
+    if default_factory is not MISSING:
+        kw = {"default_factory": default_factory}
+    return field(metadata=meta, **kw)
+
+
+def describe_range(meta: Mapping[str, Any]) -> str:
+    """``[0, 1]``, ``> 0``, ``(0, 100]``, ... from a field's metadata ("" when it declares none)."""
+    if meta.get("choices") is not None:
+        return " | ".join(map(str, meta["choices"]))
+    lo = ("[", meta["ge"]) if meta.get("ge") is not None else ("(", meta["gt"]) if meta.get("gt") is not None else None
+    hi = ("]", meta["le"]) if meta.get("le") is not None else (")", meta["lt"]) if meta.get("lt") is not None else None
+    if lo and hi:
+        return f"{lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return "non-empty" if meta.get("nonempty") else ""
+
+
+def check_param(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``value`` is outside the declared range of ``meta``."""
+    if value is None:
+        return
+    if meta.get("nonempty") and isinstance(value, (list, tuple, dict)) and not value:
+        raise ConfigError(f"{key}: expected a non-empty list, got {list(value)!r}")
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bounds = [(meta.get("ge"), lambda v, b: v >= b), (meta.get("gt"), lambda v, b: v > b),
+              (meta.get("le"), lambda v, b: v <= b), (meta.get("lt"), lambda v, b: v < b)]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for bound, ok in bounds:
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"{key}: expected a value in {describe_range(meta)}, got {value!r}")
 
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key, its source and what is accepted."""
 
 
-def choices(*values: Any, default: Any = MISSING, help: str = "") -> Any:
-    """A field restricted to ``values`` (checked on load)."""
+def choices(*values: Any, default: Any = MISSING, help: str = "", origin: str = "ours") -> Any:
+    """A field restricted to ``values`` (checked on load); ``origin`` as in :func:`param`."""
     kw = {} if default is MISSING else {"default": default}
-    return field(metadata={"choices": tuple(values), "help": help}, **kw)
+    return field(metadata={"choices": tuple(values), "help": help, "origin": origin}, **kw)
 
 
 def suggest(key: str, options: Sequence[str]) -> str:
@@ -55,17 +116,17 @@ def suggest(key: str, options: Sequence[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " | ".join(type_name(a) for a in get_args(tp))
     if origin in (list, tuple):
         args = [a for a in get_args(tp) if a is not Ellipsis]
-        inner = _type_name(args[0]) if args else "any"
+        inner = type_name(args[0]) if args else "any"
         return f"list of {inner}"
     if origin is dict:
         return "mapping"
@@ -75,7 +136,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against type ``tp`` and return it in canonical form; raise ConfigError otherwise."""
     origin = get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}) in {source}")
+    bad = ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__}) in {source}")
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfdaseg.config_base import ConfigError, Section, choices
+from sfdaseg.config_base import ConfigError, Section, choices, param
 from sfdaseg.data.transforms import collate, to_model_input
 from sfdaseg.losses import resize_logits
 
@@ -93,18 +94,12 @@ class CollapseConfig(Section):
     """The collapse-prevention keys of a recipe's ``method:`` section (see the module docstring); a recipe's
     config inherits it and may redeclare a field with its own default."""
 
-    prior_weight: float = 0.0  # weight of the class-prior term (0: off)
-    prior: str = choices(*PRIORS, default="source", help="the class marginal the student is kept near")
-    prior_images: int = 64  # target images the source model's class marginal is measured on (prior=source)
-    anchor_weight: float = 0.0  # weight of KL(p_source || p_student) per pixel (0: off)
+    key_prefix: ClassVar[str] = "method."
 
-    def validate(self) -> None:
-        super().validate()
-        if self.prior_weight < 0 or self.anchor_weight < 0:
-            raise ConfigError(f"method.prior_weight / method.anchor_weight: expected weights >= 0, got "
-                              f"{self.prior_weight} / {self.anchor_weight}")
-        if self.prior_images < 1:
-            raise ConfigError(f"method.prior_images: expected a positive number of images, got {self.prior_images}")
+    prior_weight: float = param(0.0, ge=0.0, help="weight of KL(prior || mean student prediction) (0: off)")
+    prior: str = choices(*PRIORS, default="source", help="the class marginal the student is kept near")
+    prior_images: int = param(64, ge=1, help="target images the source model's class marginal is measured on")
+    anchor_weight: float = param(0.0, ge=0.0, help="weight of KL(p_source || p_student) per pixel (0: off)")
 
 
 class SourceRegularizer(nn.Module):

@@ -19,12 +19,13 @@ config inherits :class:`StrongViewConfig`, so the keys are the same everywhere (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from sfdaseg.augment import classmix, classmix_masks, photometric_augment
-from sfdaseg.config_base import ConfigError, Section, choices
+from sfdaseg.config_base import Section, choices, param
 from sfdaseg.style import STYLE_KINDS, StyleConfig, build_style_augment
 
 __all__ = ["StrongView", "StrongViewConfig"]
@@ -34,21 +35,23 @@ __all__ = ["StrongView", "StrongViewConfig"]
 class StrongViewConfig(Section):
     """The strong-view keys of a recipe's ``method:`` section (see the module docstring)."""
 
-    classmix: bool = True  # target-to-target ClassMix
-    photometric: bool = True  # colour jitter, grayscale, blur
-    jitter: float = 0.2  # colour-jitter strength (brightness, contrast, saturation factors in [1-j, 1+j])
-    hue: float = 0.0  # hue rotation, in turns (0: none)
+    key_prefix: ClassVar[str] = "method."
+
+    classmix: bool = param(True, origin="published", help="target-to-target ClassMix (DACS / DAFormer)")
+    photometric: bool = param(True, origin="published", help="colour jitter, grayscale, blur (DAFormer)")
+    jitter: float = param(0.2, ge=0.0, le=1.0, origin="published",
+                          help="colour-jitter strength: brightness, contrast, saturation factors in [1-j, 1+j]")
+    hue: float = param(0.0, ge=0.0, le=0.5, help="hue rotation, in turns (0: none)")
     style: str = choices(*STYLE_KINDS, default="none", help="intra-domain style swap of the student's view")
-    style_p: float = 0.5  # probability that an image is re-styled
-    style_beta: float = 0.01  # fourier: half-size of the swapped low-frequency band, fraction of the short side
-    style_alpha: float | None = 1.0  # weight of the donor's style (1: full swap); null: U(0, 1) per image
+    style_p: float = param(0.5, ge=0.0, le=1.0, origin="reconstructed", help="probability that an image is re-styled")
+    style_beta: float = param(0.01, ge=0.0, le=0.5, origin="published",
+                              help="fourier: half-size of the swapped low-frequency band, fraction of the short side "
+                                   "(FDA's L)")
+    style_alpha: float | None = param(1.0, ge=0.0, le=1.0, origin="published",
+                                      help="weight of the donor's style (1: full swap); null: U(0, 1) per image")
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.jitter <= 1.0:
-            raise ConfigError(f"method.jitter: expected a strength in [0, 1], got {self.jitter}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ConfigError(f"method.hue: expected a rotation in [0, 0.5] turns, got {self.hue}")
         self.style_config().validate("method.style")
 
     def style_config(self) -> StyleConfig:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -97,12 +97,16 @@ class OfflineLabelRequest:
 
 
 class RecipeConfig(Section):
-    """Base of every recipe's ``method:`` dataclass: the optional parts a run function reads.
+    """Base of every recipe's ``method:`` dataclass (fields declared with ``param`` / ``choices``, so that the
+    loader checks their ranges and ``sfdaseg adapt --recipe R --help`` lists them): the optional parts a run
+    function reads.
 
     ``validate()`` is called by the config loader (ranges of every key; a recipe calls ``super().validate()`` so
     that the mixins it inherits, e.g. the strong view, check theirs); ``offline_labels()`` says whether the recipe
     trains on offline pseudo-labels (``None``: it does not).
     """
+
+    key_prefix: ClassVar[str] = "method."
 
     def offline_labels(self) -> OfflineLabelRequest | None:
         return None

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sfdaseg.config_base import ConfigError
 from sfdaseg.data.transforms import collate, to_model_input
 from sfdaseg.losses import resize_logits, seg_cross_entropy, soft_cross_entropy
-from sfdaseg.config_base import choices
+from sfdaseg.config_base import choices, param
 from sfdaseg.methods.common import (AdaptContext, OfflineLabelRequest, RecipeConfig, TeacherStudentTask, valid_pixels,
                                     warn_batch_level_parts)
 from sfdaseg.models.ema import EMATeacher
@@ -55,27 +54,25 @@ from sfdaseg.task import StepOutput
 
 @dataclass
 class DiGAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
-    ema_momentum: float = 0.999
-    offline_scales: tuple[float, ...] = (1.0, 0.5)  # multi-scale max fusion of the offline labeller
-    offline_fusion: str = choices(*reversed(FUSIONS), default="logits",
+    ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum")
+    offline_scales: tuple[float, ...] = param((1.0, 0.5), gt=0.0, nonempty=True, origin="published",
+                                              help="scales of the offline labeller (max fusion)")
+    offline_fusion: str = choices(*reversed(FUSIONS), default="logits", origin="published",
                                   help="fuse the scales by the max of the logits (DiGA) or of the probabilities")
-    proto_metric: str = choices(*reversed(METRICS), default="euclidean",
+    proto_metric: str = choices(*reversed(METRICS), default="euclidean", origin="published",
                                 help="nearest centroid by Euclidean distance on raw features (DiGA) or cosine")
-    proto_update: str = choices("consensus", "offline", default="consensus",
+    proto_update: str = choices("consensus", "offline", default="consensus", origin="published",
                                 help="centroids move per image from consensus labels intersected with the teacher's "
                                      "argmax (DiGA), or per batch from the raw offline labels")
-    proto_momentum: float = 1e-4
-    proto_min_pixels: int = 5  # proto_update=consensus: a class updates from an image with at least this many pixels
-    proto_init_images: int = 200
-    consensus: bool = True  # False: train on the raw offline labels (ablation)
-    distill_weight: float = 0.25
-    reverse_weight: float = 0.5
-    temperature: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.offline_scales or min(self.offline_scales) <= 0:
-            raise ConfigError(f"method.offline_scales: expected positive scales, got {list(self.offline_scales)}")
+    proto_momentum: float = param(1e-4, ge=0.0, le=1.0, origin="published", help="centroid momentum")
+    proto_min_pixels: int = param(5, ge=1, origin="published",
+                                  help="proto_update=consensus: pixels of a class an image needs to update it")
+    proto_init_images: int = param(200, ge=0, help="target images the centroids are initialised on")
+    consensus: bool = param(True, origin="published", help="bilateral consensus (False: raw offline labels)")
+    distill_weight: float = param(0.25, ge=0.0, origin="published", help="weight of the cross-view distillation")
+    reverse_weight: float = param(0.5, ge=0.0, origin="published",
+                                  help="weight of the reverse direction (strong view teaches weak)")
+    temperature: float = param(1.0, gt=0.0, origin="published", help="distillation temperature")
 
     def offline_labels(self) -> OfflineLabelRequest:
         return OfflineLabelRequest(scales=tuple(self.offline_scales), options={"fusion": self.offline_fusion})

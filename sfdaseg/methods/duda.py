@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from sfdaseg.class_stats import RunningClassHistogram, RunningConfusion
-from sfdaseg.config_base import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices, param
 from sfdaseg.data.classes import IGNORE_INDEX
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.distill import average_probs, build_student, check_same_classes, kd_loss, load_teachers, ramp, \
@@ -74,30 +74,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DUDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
-    student: str | None = None  # small architecture; None: student_checkpoint's, else lraspp_mobilenet_v3_large
-    student_options: dict[str, Any] = field(default_factory=dict)  # its builder options, e.g. {width: 8} for tiny
-    student_checkpoint: str | None = None  # a small *source* model (the fair setting); None: warm-up distillation
-    teachers: list[str] = field(default_factory=list)  # extra adapted checkpoints averaged with the EMA teacher
-    ema_momentum: float = 0.999
-    policy: str = choices(*POLICIES, default="ratio", help="pseudo-label selection / weighting")
-    tau: float = 0.968  # confidence threshold (DAFormer)
-    percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
-    stats_momentum: float = 0.99  # memory of the running class statistics (percentiles, inconsistency IoU)
-    small_warmup: float | None = None  # fraction of the run: the small student distils from the frozen source
-    # first; None (auto): 0.25 without student_checkpoint, 0 with one
-    large_weight: float = 1.0  # CE of the large auxiliary student
-    temperature: float = 2.0  # of the large-to-small KL (reconstructed)
-    kd_weight: float = 1.0  # KL weight at the end of the ramp (reconstructed)
-    kd_ramp: float = 0.5  # fraction of the schedule over which the KL weight rises linearly from 0 (reconstructed)
-    inconsistency_weight: float = 1.0  # class-weighted CE of the small student (reconstructed)
+    student: str | None = param(None, help="small architecture; null: student_checkpoint's, else "
+                                           "lraspp_mobilenet_v3_large")
+    student_options: dict[str, Any] = param(default_factory=dict, help="its builder options, e.g. {width: 8}")
+    student_checkpoint: str | None = param(None, help="a small *source* model (the fair setting); null: the small "
+                                                      "student distils from the frozen source first")
+    teachers: list[str] = param(default_factory=list, origin="published",
+                                help="extra adapted checkpoints averaged with the EMA teacher")
+    ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum")
+    policy: str = choices(*POLICIES, default="ratio", origin="published", help="pseudo-label selection / weighting")
+    tau: float = param(0.968, ge=0.0, le=1.0, origin="published", help="confidence threshold (DAFormer)")
+    percentile: float = param(50.0, gt=0.0, le=100.0,
+                              help="class_balanced: keep the top p% most confident pixels of each class")
+    stats_momentum: float = param(0.99, ge=0.0, lt=1.0,
+                                  help="memory of the running class statistics (percentiles, inconsistency IoU)")
+    small_warmup: float | None = param(None, ge=0.0, lt=1.0,
+                                       help="fraction of the run the small student distils from the frozen source "
+                                            "first; null: 0.25 without student_checkpoint, 0 with one")
+    large_weight: float = param(1.0, ge=0.0, origin="reconstructed", help="CE weight of the large student")
+    temperature: float = param(2.0, gt=0.0, origin="reconstructed", help="T of the large-to-small KL")
+    kd_weight: float = param(1.0, ge=0.0, origin="reconstructed", help="KL weight at the end of the ramp")
+    kd_ramp: float = param(0.5, ge=0.0, le=1.0, origin="reconstructed",
+                           help="fraction of the main phase over which the KL weight rises from 0")
+    inconsistency_weight: float = param(1.0, ge=0.0, origin="reconstructed",
+                                        help="weight of the small student's 1 - IoU class-weighted CE")
     deliver: str = choices("small", "large_teacher", default="small", help="the model the run delivers")
-    schedule_iters: int | None = None  # steps the ramp refers to; None: the run's train.iters
-    small_lr_mult: float = 1.0  # the small student's LR = optim.lr * small_lr_mult (ours; it may start from scratch)
+    schedule_iters: int | None = param(None, ge=1, help="steps the ramp refers to; null: the run's train.iters")
+    small_lr_mult: float = param(1.0, gt=0.0, help="the small student's LR = optim.lr * small_lr_mult")
 
     def validate(self) -> None:
         super().validate()
-        if self.small_lr_mult <= 0:
-            raise ConfigError(f"method.small_lr_mult: expected a multiplier > 0, got {self.small_lr_mult}")
         if self.student is not None and self.student not in MODELS:
             raise ConfigError(f"method.student: unknown model {self.student!r}; choices: {', '.join(MODELS)}")
         if self.student_checkpoint and not Path(self.student_checkpoint).is_file():
@@ -105,18 +111,6 @@ class DUDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
         for i, t in enumerate(self.teachers):
             if not Path(t).is_file():
                 raise ConfigError(f"method.teachers[{i}]: no such file: {t}")
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature: expected a positive temperature, got {self.temperature}")
-        if not 0.0 <= self.kd_ramp <= 1.0:
-            raise ConfigError(f"method.kd_ramp: expected a fraction of the schedule in [0, 1], got {self.kd_ramp}")
-        for key in ("large_weight", "kd_weight", "inconsistency_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.{key}: expected >= 0, got {getattr(self, key)}")
-        if self.small_warmup is not None and not 0.0 <= self.small_warmup < 1.0:
-            raise ConfigError(f"method.small_warmup: expected a fraction of the run in [0, 1) or null (auto), got "
-                              f"{self.small_warmup}")
-        if self.schedule_iters is not None and self.schedule_iters <= 0:
-            raise ConfigError(f"method.schedule_iters: expected a positive number or null, got {self.schedule_iters}")
 
 
 def inconsistency_class_weights(student_label: Tensor, teacher_label: Tensor, *, num_classes: int,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sfdaseg.class_stats import RunningClassHistogram
-from sfdaseg.config_base import choices
+from sfdaseg.config_base import choices, param
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.losses import resize_logits, seg_cross_entropy
 from sfdaseg.methods.common import (AdaptContext, RecipeConfig, TeacherStudentTask, ignore_padding, valid_pixels,
@@ -41,11 +41,14 @@ from sfdaseg.task import StepOutput
 
 @dataclass
 class SelfTrainConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
-    ema_momentum: float = 0.999
-    policy: str = choices(*POLICIES, default="ratio", help="pseudo-label selection / weighting")
-    tau: float = 0.968  # confidence threshold (DAFormer)
-    percentile: float = 50.0  # class_balanced: keep the top p% most confident pixels of each class
-    stats_momentum: float = 0.99  # class_balanced: memory of the running per-class confidence histogram
+    ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum (DAFormer)")
+    policy: str = choices(*POLICIES, default="ratio", origin="published",
+                          help="pseudo-label selection / weighting (ratio: DAFormer's confidence-ratio weight)")
+    tau: float = param(0.968, ge=0.0, le=1.0, origin="published", help="confidence threshold (DAFormer)")
+    percentile: float = param(50.0, gt=0.0, le=100.0,
+                              help="class_balanced: keep the top p% most confident pixels of each class")
+    stats_momentum: float = param(0.99, ge=0.0, lt=1.0,
+                                  help="class_balanced: memory of the running per-class confidence histogram")
 
 
 class SelfTraining(TeacherStudentTask):

@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sfdaseg.config_base import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices, param
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.losses import resize_logits
 from sfdaseg.methods.common import AdaptContext, RecipeConfig, valid_pixels
@@ -113,31 +113,36 @@ __all__ = [
 @dataclass
 class SFDALiuConfig(CollapseConfig, RecipeConfig):
     # Knowledge transfer: generator and its objective.
-    z_dim: int = 256  # [published] noise dimension
-    gen_size: tuple[int, int] = (128, 256)  # [published] (H, W) of generated images: 256x128 (W x H)
-    gen_width: int = 32  # [reconstructed] base width w (8w channels at H/16; DCGAN uses 64, configs may)
-    gen_batch_size: int | None = None  # generated images per step; None: the target batch size (published 8)
-    bns_weight: float = 1.0  # [published] weight of L_BNS in G's objective
-    mae_weight: float = 1.0  # [published] alpha
-    dad_weight: float = 0.5  # [published] beta (L_DAD_ss)
-    dad_st_weight: float = 0.5  # [published] tau = beta (L_DAD_st, G only)
-    attention_grid: tuple[int, int] = (32, 64)  # [reconstructed] at most (h, w) positions: N <= 2048
-    attention_temperature: float = 0.1  # [reconstructed] softmax(cos / T)
+    z_dim: int = param(256, ge=1, origin="published", help="noise dimension")
+    gen_size: tuple[int, int] = param((128, 256), ge=16, origin="published",
+                                      help="(H, W) of generated images, divisible by 16 (published 256x128, W x H)")
+    gen_width: int = param(32, ge=1, origin="reconstructed", help="generator base width w (8w channels at H/16)")
+    gen_batch_size: int | None = param(None, ge=1, origin="published",
+                                       help="generated images per step; null: the target batch size (published 8)")
+    bns_weight: float = param(1.0, ge=0.0, origin="published", help="weight of L_BNS in G's objective")
+    mae_weight: float = param(1.0, ge=0.0, origin="published", help="alpha (L_MAE)")
+    dad_weight: float = param(0.5, ge=0.0, origin="published", help="beta (L_DAD_ss)")
+    dad_st_weight: float = param(0.5, ge=0.0, origin="published", help="tau = beta (L_DAD_st, G only)")
+    attention_grid: tuple[int, int] = param((32, 64), ge=1, origin="reconstructed",
+                                            help="at most (h, w) positions of the dual attention")
+    attention_temperature: float = param(0.1, gt=0.0, origin="reconstructed", help="softmax(cos / T)")
     # Target model: MaxSquare + IPSM.
-    tar_weight: float = 1.0  # [published] L_TAR
-    maxsquare_image_weighted: bool = False  # Chen et al. 2019 image-wise class-balanced weights
-    maxsquare_ratio: float = 0.2  # [published, Chen et al.] IW ratio
-    patch_grid: int = 4  # [published] K in {3, 4, 5}
-    adv_weight: float = 0.01  # [published] gamma
-    disc_weight: float = 1.0  # [reconstructed] weight of L_D (only D sees it)
-    disc_width: int = 64  # [reconstructed]
-    disc_input: str = choices("prob", "self_info", default="prob", help="what D sees of a patch")
+    tar_weight: float = param(1.0, ge=0.0, origin="published", help="L_TAR (MaxSquare)")
+    maxsquare_image_weighted: bool = param(False, origin="published",
+                                           help="Chen et al. 2019 image-wise class-balanced weights")
+    maxsquare_ratio: float = param(0.2, ge=0.0, le=1.0, origin="published", help="image-wise weighting ratio")
+    patch_grid: int = param(4, ge=2, origin="published", help="K in {3, 4, 5}: IPSM's K x K patches")
+    adv_weight: float = param(0.01, ge=0.0, origin="published", help="gamma (L_ADV)")
+    disc_weight: float = param(1.0, ge=0.0, origin="reconstructed", help="weight of L_D (only D sees it)")
+    disc_width: int = param(64, ge=1, origin="reconstructed", help="discriminator width")
+    disc_input: str = choices("prob", "self_info", default="prob", origin="reconstructed", help="what D sees of a patch")
     # Ours.
-    ema_momentum: float = 0.999  # export=teacher: an EMA of the target model is delivered (no loss uses it)
-    sample_every: int = 200  # save a PNG grid of generated images every N steps; 0: never
-    sample_count: int = 16  # images in the grid (fixed noise)
-    gen_lr_mult: float = 1.0  # G's LR = optim.lr * head_lr_mult * gen_lr_mult (G starts from scratch)
-    disc_lr_mult: float = 1.0  # D's LR = optim.lr * head_lr_mult * disc_lr_mult
+    ema_momentum: float = param(0.999, ge=0.0, lt=1.0,
+                                help="export=teacher: an EMA of the target model is delivered (no loss uses it)")
+    sample_every: int = param(200, ge=0, help="save a PNG grid of generated images every N steps; 0: never")
+    sample_count: int = param(16, ge=1, help="images in the grid (fixed noise)")
+    gen_lr_mult: float = param(1.0, gt=0.0, help="G's LR = optim.lr * head_lr_mult * gen_lr_mult")
+    disc_lr_mult: float = param(1.0, gt=0.0, help="D's LR = optim.lr * head_lr_mult * disc_lr_mult")
     student_gen_bn: str = choices(
         "running", "joint", default="running",
         help="how the target model's BatchNorm treats generated images: 'joint' normalises them in one batch with "
@@ -148,33 +153,9 @@ class SFDALiuConfig(CollapseConfig, RecipeConfig):
     def validate(self) -> None:
         super().validate()
         h, w = self.gen_size
-        if h <= 0 or w <= 0 or h % 16 or w % 16:
+        if h % 16 or w % 16:
             raise ConfigError(f"method.gen_size: expected positive (H, W) divisible by 16 (four 2x upsamplings), "
                               f"got {list(self.gen_size)}")
-        for key in ("gen_lr_mult", "disc_lr_mult"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key}: expected a multiplier > 0, got {getattr(self, key)}")
-        for key in ("z_dim", "gen_width", "disc_width", "sample_count"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key}: expected a positive integer, got {getattr(self, key)}")
-        if self.gen_batch_size is not None and self.gen_batch_size <= 0:
-            raise ConfigError(f"method.gen_batch_size: expected a positive integer or null, got {self.gen_batch_size}")
-        for key in ("bns_weight", "mae_weight", "dad_weight", "dad_st_weight", "tar_weight", "adv_weight",
-                    "disc_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"method.{key}: expected a weight >= 0, got {getattr(self, key)}")
-        if min(self.attention_grid) <= 0:
-            raise ConfigError(f"method.attention_grid: expected positive (h, w), got {list(self.attention_grid)}")
-        if self.attention_temperature <= 0:
-            raise ConfigError(f"method.attention_temperature: expected > 0, got {self.attention_temperature}")
-        if self.patch_grid < 2:
-            raise ConfigError(f"method.patch_grid: expected K >= 2 (published: 3, 4 or 5), got {self.patch_grid}")
-        if not 0.0 <= self.maxsquare_ratio <= 1.0:
-            raise ConfigError(f"method.maxsquare_ratio: expected a value in [0, 1], got {self.maxsquare_ratio}")
-        if not 0.0 <= self.ema_momentum <= 1.0:
-            raise ConfigError(f"method.ema_momentum: expected a value in [0, 1], got {self.ema_momentum}")
-        if self.sample_every < 0:
-            raise ConfigError(f"method.sample_every: expected >= 0 (0: never), got {self.sample_every}")
 
 
 # ------------------------------------------------------------------------------------------------ gradient reversal

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfdaseg.config_base import choices
+from sfdaseg.config_base import choices, param
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.losses import resize_logits, seg_cross_entropy
 from sfdaseg.methods.common import (AdaptContext, RecipeConfig, TeacherStudentTask, ignore_padding, valid_pixels,
@@ -49,17 +49,19 @@ METRIC_LOSSES = ("proxy_anchor", "proxy_nca", "proxy_softmax")
 
 @dataclass
 class STvMConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
-    ema_momentum: float = 0.999
-    embed_dim: int = 128
-    metric_loss: str = choices(*METRIC_LOSSES, default="proxy_anchor")
-    alpha: float = 32.0  # Proxy-Anchor scale
-    delta: float = 0.1  # Proxy-Anchor margin
-    reliability_scale: float = 16.0  # s in softmax(s * cos)
-    metric_pixels: int = 4096  # pixels sampled per step for the metric loss
-    metric_weight: float = 1.0
-    metric_lr_mult: float = 10.0  # the metric network's and proxies' LR multiplier on top of the head LR
-    reliability: bool = True  # False: plain CE on every teacher pixel (ablation)
-    mocm: bool = True  # False: uniform ClassMix (ablation)
+    ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum")
+    embed_dim: int = param(128, ge=1, origin="reconstructed", help="metric embedding dimension")
+    metric_loss: str = choices(*METRIC_LOSSES, default="proxy_anchor", origin="reconstructed",
+                               help="proxy-based metric loss of the metric network")
+    alpha: float = param(32.0, gt=0.0, origin="published", help="Proxy-Anchor scale (Kim et al. 2020)")
+    delta: float = param(0.1, ge=0.0, lt=1.0, origin="published", help="Proxy-Anchor margin")
+    reliability_scale: float = param(16.0, gt=0.0, origin="reconstructed", help="s in softmax(s * cos)")
+    metric_pixels: int = param(4096, ge=1, help="pixels sampled per step for the metric loss")
+    metric_weight: float = param(1.0, ge=0.0, origin="reconstructed", help="weight of the metric loss")
+    metric_lr_mult: float = param(10.0, gt=0.0,
+                                  help="LR multiplier of the metric network and proxies on top of the head LR")
+    reliability: bool = param(True, origin="published", help="weight every pixel by its reliability")
+    mocm: bool = param(True, origin="published", help="metric-guided ClassMix (False: uniform ClassMix)")
 
 
 class MetricNet(nn.Module):

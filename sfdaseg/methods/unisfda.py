@@ -52,13 +52,14 @@ the online fallback in stage 2, the optional online-ensemble KL, and every defau
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sfdaseg.class_stats import RunningClassHistogram
-from sfdaseg.config_base import ConfigError, choices
+from sfdaseg.config_base import ConfigError, choices, param
 from sfdaseg.data.transforms import to_model_input
 from sfdaseg.distill import check_same_classes, kd_loss, load_teachers
 from sfdaseg.losses import resize_logits, seg_cross_entropy
@@ -245,40 +246,43 @@ class EnsembleLabeller(nn.Module):
 
 @dataclass
 class UniSFDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
-    ema_momentum: float = 0.999
-    offline_scales: tuple[float, ...] = (1.0,)  # the offline labeller's scales (max fusion of the probabilities)
-    offline_uncertainty: str = choices("mc_dropout", "none", default="mc_dropout",
+    ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum")
+    offline_scales: tuple[float, ...] = param((1.0,), gt=0.0, nonempty=True, origin="reconstructed",
+                                              help="scales of the offline labeller (max fusion of the probabilities)")
+    offline_uncertainty: str = choices("mc_dropout", "none", default="mc_dropout", origin="published",
                                        help="what the cache's confidence channel holds: MC-dropout certainty or max p")
-    mc_passes: int = 8  # MC-dropout passes of the offline labeller's classifier
-    uncertainty_measure: str = choices(*MEASURES, default="entropy", help="MC-dropout statistic behind a certainty")
-    offline_cache: str | None = None  # a finished cache folder (stage 2: the ensemble's); None: the source model labels
-    offline_percentile: float = 80.0  # offline label certain: certainty in the top p% of its class in the batch
-    online_mc_passes: int = 8  # MC-dropout passes of the EMA teacher's classifier (0: softmax entropy)
-    online_percentile: float = 80.0  # online label certain: certainty in the top p% of its class in the batch
-    stats_momentum: float = 0.99  # memory of the running per-class certainty histograms behind both percentiles
-    pixel_weight: str = choices("certainty", "none", default="certainty")
+    mc_passes: int = param(8, ge=1, origin="reconstructed", help="MC-dropout passes of the offline labeller")
+    uncertainty_measure: str = choices(*MEASURES, default="entropy", origin="reconstructed",
+                                       help="MC-dropout statistic behind a certainty")
+    offline_cache: str | None = param(None, help="a finished cache folder (stage 2: the ensemble's); null: the "
+                                                 "source model labels")
+    offline_percentile: float = param(80.0, ge=0.0, le=100.0, origin="reconstructed",
+                                      help="an offline label is certain in the top p% of its class's certainties")
+    online_mc_passes: int = param(8, ge=0, origin="reconstructed",
+                                  help="MC-dropout passes of the EMA teacher's classifier (0: softmax entropy)")
+    online_percentile: float = param(80.0, ge=0.0, le=100.0, origin="reconstructed",
+                                     help="an online label is certain in the top p% of its class's certainties")
+    stats_momentum: float = param(0.99, ge=0.0, lt=1.0,
+                                  help="memory of the running per-class certainty histograms behind both percentiles")
+    pixel_weight: str = choices("certainty", "none", default="certainty", origin="reconstructed",
+                                help="pixel weights of the CE: the label's certainty, or 1")
     # The strong view (sfdaseg.strong_view): UniSFDA's intra-domain style augmentation is on (Fourier, p 0.5);
     # ClassMix is not part of UniSFDA.
-    style: str = choices("fourier", "adain", "none", default="fourier", help="intra-domain style swap of the "
-                         "student's view")
-    classmix: bool = False
-    kd_weight: float = 0.0  # stage 2: KL to the online soft ensemble of kd_teachers (0: hard labels only)
-    kd_teachers: list[str] = field(default_factory=list)  # adapted auxiliary checkpoints (the pipeline fills it)
-    kd_temperature: float = 1.0
+    style: str = choices("fourier", "adain", "none", default="fourier", origin="published",
+                         help="intra-domain style swap of the student's view")
+    classmix: bool = param(False, help="target-to-target ClassMix (not part of UniSFDA)")
+    kd_weight: float = param(0.0, ge=0.0, help="stage 2: KL to the online soft ensemble of kd_teachers (0: off)")
+    kd_teachers: list[str] = param(default_factory=list,
+                                   help="adapted auxiliary checkpoints (the unisfda pipeline fills it)")
+    kd_temperature: float = param(1.0, gt=0.0, help="temperature of the stage-2 KL")
 
     def validate(self) -> None:
         super().validate()
-        if not self.offline_scales or min(self.offline_scales) <= 0:
-            raise ConfigError(f"method.offline_scales: expected positive scales, got {list(self.offline_scales)}")
-        if self.mc_passes < 1 or self.online_mc_passes < 0:
-            raise ConfigError(f"method.mc_passes / method.online_mc_passes: expected >= 1 / >= 0, got "
-                              f"{self.mc_passes} / {self.online_mc_passes}")
-        for key in ("offline_percentile", "online_percentile"):
-            if not 0.0 <= getattr(self, key) <= 100.0:
-                raise ConfigError(f"method.{key}: expected a percentile in [0, 100], got {getattr(self, key)}")
-        if self.kd_weight < 0 or self.kd_temperature <= 0:
-            raise ConfigError(f"method.kd_weight / method.kd_temperature: expected >= 0 / > 0, got "
-                              f"{self.kd_weight} / {self.kd_temperature}")
+        if self.offline_cache and not Path(self.offline_cache).is_dir():
+            raise ConfigError(f"method.offline_cache: no such folder: {self.offline_cache}")
+        for i, t in enumerate(self.kd_teachers):
+            if not Path(t).is_file():
+                raise ConfigError(f"method.kd_teachers[{i}]: no such file: {t}")
         if self.kd_weight > 0 and not self.kd_teachers:
             raise ConfigError("method.kd_teachers: kd_weight > 0 needs the adapted auxiliary checkpoints "
                               "(the unisfda pipeline fills them in for stage 2)")

@@ -88,6 +88,8 @@ class SegmentationModel(nn.Module):
         self.output_stride = int(output_stride)
         self.build_args = {**dict(build_args), "num_classes": self.num_classes}
         self.classifier = make_classifier(self.feature_dim, self.num_classes, dropout)
+        self.aux_head: nn.Module | None = None  # enable_aux_head() adds one (deep supervision)
+        self._aux_wanted, self._aux_input = False, None
         # Non-persistent buffers: they follow .to(device) but stay out of state dicts (the checkpoint stores
         # the normalisation as plain metadata instead).
         self.register_buffer("_norm_scale", torch.ones(1, 3, 1, 1), persistent=False)
@@ -137,12 +139,53 @@ class SegmentationModel(nn.Module):
         return self.classifier(features)
 
     def forward(
-        self, x: torch.Tensor, return_features: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """RGB ``[0, 1]`` ``(B, 3, H, W)`` -> logits ``(B, C, H/s, W/s)``, or ``(logits, features)``."""
-        features = self.extract(x)
+        self, x: torch.Tensor, return_features: bool = False, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """RGB ``[0, 1]`` ``(B, 3, H, W)`` -> logits ``(B, C, H/s, W/s)``; ``(logits, features)`` with
+        ``return_features``; ``(logits, [features,] aux_logits)`` with ``return_aux`` (the auxiliary head's logits
+        at its own stride, training only: see :meth:`enable_aux_head`)."""
+        if return_aux and self.aux_head is None:
+            raise ValueError(f"{self.name}: return_aux needs the auxiliary head (build the model with aux_head=True)")
+        self._aux_wanted = return_aux
+        try:
+            features = self.extract(x)
+        finally:
+            self._aux_wanted = False
         logits = self.classify(features)
-        return (logits, features) if return_features else logits
+        if not return_aux:
+            return (logits, features) if return_features else logits
+        aux, self._aux_input = self.aux_head(self._aux_input), None
+        return (logits, features, aux) if return_features else (logits, aux)
+
+    # -- auxiliary (deep-supervision) head ------------------------------------------------------------------------
+
+    def aux_source(self) -> tuple[nn.Module, int] | None:
+        """The intermediate module an auxiliary head reads, and its output channels; None: no auxiliary head."""
+        return None
+
+    def enable_aux_head(self, *, channels: int = 256, dropout: float = 0.1) -> None:
+        """Add an FCN-style auxiliary head (mmsegmentation's ``FCNHead`` with one conv: 3x3 conv, BN, ReLU,
+        Dropout2d, 1x1 classifier) on :meth:`aux_source`'s output, for deep supervision in source training.
+
+        It only runs when ``forward(..., return_aux=True)`` asks for it, so inference, evaluation and export see
+        the plain model; it is saved with the model (``build_args["aux_head"]``). Its parameters are "head".
+        """
+        src = self.aux_source()
+        if src is None:
+            raise ValueError(f"{self.name}: this model has no auxiliary head")
+        module, cin = src
+        mid = min(int(channels), int(cin))
+        self.aux_head = nn.Sequential(
+            nn.Conv2d(cin, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout), nn.Conv2d(mid, self.num_classes, 1))
+
+        # A bound method, not a closure: a deepcopy of the model (an EMA teacher) hooks its own copy.
+        module.register_forward_hook(self._keep_aux_input)
+        self.build_args["aux_head"] = True
+
+    def _keep_aux_input(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if self._aux_wanted:
+            self._aux_input = output
 
     # -- parameters -------------------------------------------------------------------------------------------
 
@@ -159,6 +202,9 @@ class SegmentationModel(nn.Module):
         old_conv = self.classifier[1]
         self.classifier = make_classifier(self.feature_dim, num_classes, float(self.classifier[0].p))
         self.classifier.to(device=old_conv.weight.device, dtype=old_conv.weight.dtype)
+        if self.aux_head is not None:  # its last conv predicts the classes too
+            old = self.aux_head[-1]
+            self.aux_head[-1] = nn.Conv2d(old.in_channels, num_classes, 1).to(old.weight.device, old.weight.dtype)
         self.num_classes = int(num_classes)
         self.build_args["num_classes"] = self.num_classes
 

@@ -116,6 +116,9 @@ class DeepLabV2(SegmentationModel):
         """Normalised ``(B, 3, H, W)`` -> ``(B, feature_dim, H/8, W/8)``."""
         return self.aspp(self.backbone(x))
 
+    def aux_source(self) -> tuple[nn.Module, int]:
+        return self.backbone.layer3, 1024
+
     def load_foreign_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, source: str | Path) -> None:
         """A torchvision ResNet-101 ImageNet state dict (``conv1.weight``, ``layer1...``; ``fc.*`` ignored)."""
         if not any(k.startswith("layer4.") for k in state_dict):
@@ -140,6 +143,7 @@ def deeplabv2_r101(
     dropout: float = 0.1,
     normalization: str | Mapping | Normalization = "imagenet",
     freeze_bn: bool = False,
+    aux_head: bool = False,
 ) -> DeepLabV2:
     """DeepLabV2-ResNet101, output stride 8.
 
@@ -151,6 +155,8 @@ def deeplabv2_r101(
         dropout: ``p`` of the classifier's Dropout2d.
         normalization: ``"imagenet"`` (torchvision weights) or ``"caffe"`` (BGR, mean only: Caffe weights).
         freeze_bn: keep backbone BatchNorm statistics and affine parameters fixed.
+        aux_head: an auxiliary FCN head on ``layer3`` (1024 channels, stride 8; mmsegmentation's DeepLab configs,
+            loss weight 0.4), for deep supervision in source training.
     """
     model = DeepLabV2(
         num_classes=num_classes,
@@ -159,6 +165,8 @@ def deeplabv2_r101(
         normalization=normalization,
         freeze_bn=freeze_bn,
     )
+    if aux_head:
+        model.enable_aux_head()
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -66,6 +66,12 @@ def _load_classifier(
     model.classifier[1].load_state_dict({"weight": weight, "bias": bias})
 
 
+def _stride8_block(backbone: nn.Module) -> tuple[nn.Module, int]:
+    """The last stride-8 block of a MobileNetV3-Large trunk (torchvision's ``aux`` layer: block 4, 40 channels)."""
+    block = backbone._modules["4"]
+    return block, int(block.out_channels)
+
+
 class LRASPPMobileNetV3(SegmentationModel):
     """LR-ASPP MobileNetV3-Large; output stride 8, features ``(B, 168, H/8, W/8)`` (see module docstring)."""
 
@@ -75,6 +81,7 @@ class LRASPPMobileNetV3(SegmentationModel):
         num_classes: int,
         dropout: float = 0.1,
         normalization: str | Mapping | Normalization = "imagenet",
+        aux_head: bool = False,
     ) -> None:
         from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
@@ -93,6 +100,11 @@ class LRASPPMobileNetV3(SegmentationModel):
         self.backbone = tv.backbone  # IntermediateLayerGetter -> {"low": stride 8, "high": stride 16}
         self.cbr = tv.classifier.cbr
         self.scale = tv.classifier.scale
+        if aux_head:
+            self.enable_aux_head()
+
+    def aux_source(self) -> tuple[nn.Module, int]:
+        return _stride8_block(self.backbone)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised ``(B, 3, H, W)`` -> ``(B, 168, H/8, W/8)``."""
@@ -141,6 +153,7 @@ class DeepLabV3MobileNetV3(SegmentationModel):
         num_classes: int,
         dropout: float = 0.1,
         normalization: str | Mapping | Normalization = "imagenet",
+        aux_head: bool = False,
     ) -> None:
         from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
@@ -160,6 +173,11 @@ class DeepLabV3MobileNetV3(SegmentationModel):
         self.backbone = tv.backbone  # IntermediateLayerGetter -> {"out": stride 16}
         # ASPP (with its own Dropout(0.5)), 3x3 conv, BN, ReLU: the DeepLabHead without its last 1x1 conv.
         self.head = nn.Sequential(*list(tv.classifier.children())[:4])
+        if aux_head:
+            self.enable_aux_head()
+
+    def aux_source(self) -> tuple[nn.Module, int]:
+        return _stride8_block(self.backbone)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised ``(B, 3, H, W)`` -> ``(B, 256, H/16, W/16)``.
@@ -202,6 +220,7 @@ def lraspp_mobilenet_v3_large(
     weights: str | Path | None = None,
     dropout: float = 0.1,
     normalization: str | Mapping | Normalization = "imagenet",
+    aux_head: bool = False,
 ) -> LRASPPMobileNetV3:
     """LR-ASPP MobileNetV3-Large (output stride 8).
 
@@ -211,8 +230,10 @@ def lraspp_mobilenet_v3_large(
             or an sfdaseg checkpoint of this model. ``None`` = random initialisation.
         dropout: ``p`` of the classifier's Dropout2d (torchvision's head has none; MC-dropout needs some).
         normalization: input normalisation (ImageNet for torchvision weights).
+        aux_head: an auxiliary FCN head on the last stride-8 block (torchvision's ``aux`` layer), for deep
+            supervision in source training.
     """
-    model = LRASPPMobileNetV3(num_classes=num_classes, dropout=dropout, normalization=normalization)
+    model = LRASPPMobileNetV3(num_classes=num_classes, dropout=dropout, normalization=normalization, aux_head=aux_head)
     if weights is not None:
         load_weights(model, weights)
     return model
@@ -224,6 +245,7 @@ def deeplabv3_mobilenet_v3_large(
     weights: str | Path | None = None,
     dropout: float = 0.1,
     normalization: str | Mapping | Normalization = "imagenet",
+    aux_head: bool = False,
 ) -> DeepLabV3MobileNetV3:
     """DeepLabV3 MobileNetV3-Large (output stride 16).
 
@@ -233,8 +255,10 @@ def deeplabv3_mobilenet_v3_large(
             or an sfdaseg checkpoint of this model. ``None`` = random initialisation.
         dropout: ``p`` of the classifier's Dropout2d.
         normalization: input normalisation (ImageNet for torchvision weights).
+        aux_head: an auxiliary FCN head on the last stride-8 block (torchvision's ``aux`` layer), for deep
+            supervision in source training.
     """
-    model = DeepLabV3MobileNetV3(num_classes=num_classes, dropout=dropout, normalization=normalization)
+    model = DeepLabV3MobileNetV3(num_classes=num_classes, dropout=dropout, normalization=normalization, aux_head=aux_head)
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -88,6 +88,7 @@ class TinySegNet(SegmentationModel):
         dropout: float = 0.1,
         norm: str = "bn",
         normalization: str | Mapping | Normalization = "imagenet",
+        aux_head: bool = False,
     ) -> None:
         if width < 2 or width % 2:
             raise ValueError(f"tiny: width must be an even integer >= 2, got {width}")
@@ -107,6 +108,11 @@ class TinySegNet(SegmentationModel):
         self.context = TinyContext(4 * w, w, 2 * w, norm)
         self.fuse8 = conv_bn_relu(2 * w + 2 * w, 2 * w, norm=norm)
         self.fuse4 = conv_bn_relu(2 * w + w, 2 * w, norm=norm)
+        if aux_head:
+            self.enable_aux_head()
+
+    def aux_source(self) -> tuple[nn.Module, int]:
+        return self.backbone.stage8, self.feature_dim  # stride 8, 2w channels (= feature_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised ``(B, 3, H, W)`` -> ``(B, 2w, H/4, W/4)``."""
@@ -126,6 +132,7 @@ def tiny(
     dropout: float = 0.1,
     norm: str = "bn",
     normalization: str | Mapping | Normalization = "imagenet",
+    aux_head: bool = False,
 ) -> TinySegNet:
     """The tiny CNN (tests, CPU demo).
 
@@ -136,9 +143,10 @@ def tiny(
         dropout: ``p`` of the classifier's Dropout2d.
         norm: ``"bn"`` (BatchNorm, default) or ``"gn"`` (GroupNorm: batch-independent, for exactness tests).
         normalization: input normalisation.
+        aux_head: an auxiliary FCN head on the stride-8 stage (deep supervision in source training).
     """
     model = TinySegNet(num_classes=num_classes, width=width, dropout=dropout, norm=norm,
-                       normalization=normalization)
+                       normalization=normalization, aux_head=aux_head)
     if weights is not None:
         load_weights(model, weights)
     return model
