@@ -280,9 +280,6 @@ class UniSFDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
         super().validate()
         if self.offline_cache and not Path(self.offline_cache).is_dir():
             raise ConfigError(f"method.offline_cache: no such folder: {self.offline_cache}")
-        for i, t in enumerate(self.kd_teachers):
-            if not Path(t).is_file():
-                raise ConfigError(f"method.kd_teachers[{i}]: no such file: {t}")
         if self.kd_weight > 0 and not self.kd_teachers:
             raise ConfigError("method.kd_teachers: kd_weight > 0 needs the adapted auxiliary checkpoints "
                               "(the unisfda pipeline fills them in for stage 2)")
