@@ -312,6 +312,22 @@ def _flag_values(cmd: Command, ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def error_line(e: BaseException) -> str:
+    """The user's one line for a bad-input error, also when a DataLoader worker raised it.
+
+    PyTorch re-raises a worker's exception in the main process with the worker's traceback in the message
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."); the last line of that traceback
+    is the error itself. ``SFDASEG_DEBUG=1`` keeps the whole message.
+    """
+    text = str(e)
+    if "Original Traceback" not in text or os.environ.get("SFDASEG_DEBUG") == "1":
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    name = type(e).__name__
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.split(".")[-1] == name else last
+
+
 def _help_recipe(argv: list[str]) -> str | None:
     """``adapt --help`` naming a recipe (``--recipe R`` or ``recipe=R``): that recipe, else None."""
     if argv[:1] != ["adapt"] or not ({"-h", "--help"} & set(argv)):
@@ -358,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cmd.config_cls, file=ns.config, flags=_flag_values(cmd, ns), overrides=ns.overrides)
         result = cmd.run(cfg)
     except (ConfigError, DatasetError, CheckpointError, WeightsError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, OSError) as e:  # the run stopped, its last checkpoint is kept: no traceback needed
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -564,8 +564,9 @@ CASES = {
         r"Caught ValueError in DataLoader worker process 0", "sample decoder exploded"], raises=ValueError),
     "DataLoader worker dies": Case(_worker_dies, [
         r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly", r"data\.num_workers=0"], raises=RuntimeError),
+    # A worker's DatasetError reaches the user as the same one line as in the main process (no worker traceback).
     "unreadable file read in a worker": Case(_bad_file_in_worker, [
-        r"DataLoader worker process 0", r"{tmp}/ds/images/im2\.png: cannot decode image"]),
+        r"(?m)^sfdaseg train-source: error: {tmp}/ds/images/im2\.png: cannot decode image[^\n]*\n?\Z"]),
     # ---- target labels are never read
     "target labels given but garbage": Case(_target_labels_garbage, [r"labels not read"], rc=0, check=_check_adapted),
     "target without labels or classes.yaml": Case(_target_without_label_folder, [r"labels not read"], rc=0,
@@ -791,3 +792,13 @@ def test_adapt_rebuilds_a_corrupt_cache_entry(tmp_path, world, capsys):
         with Image.open(files[0]) as other:
             assert rebuilt.text["sfdaseg-fingerprint"] == other.text["sfdaseg-fingerprint"]
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # the others reused
+
+
+def test_a_worker_error_is_one_line_unless_debugging(tmp_path, monkeypatch, capsys):
+    argv = _bad_file_in_worker(tmp_path, tmp_path, monkeypatch)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    monkeypatch.setenv("SFDASEG_DEBUG", "1")  # the worker's traceback, for a bug report
+    assert main(argv + [f"train.out={tmp_path / 'again'}"]) == 2
+    assert "Original Traceback" in capsys.readouterr().err

@@ -54,6 +54,7 @@ __all__ = [
     "DatasetError",
     "DatasetSpec",
     "DatasetWarning",
+    "worker_died",
     "Item",
     "LabelMapper",
     "SegmentationDataset",
@@ -63,6 +64,8 @@ __all__ = [
     "darkzurich_dataset",
     "folder_dataset",
     "gta5_dataset",
+    "ColorMapper",
+    "FolderClasses",
     "load_folder_classes",
     "nthu_dataset",
     "parse_dataset_spec",
@@ -83,6 +86,14 @@ class DatasetError(ValueError):
 
 class DatasetWarning(UserWarning):
     """A sample or file skipped because of ``on_error="skip"``."""
+
+
+def worker_died(e: RuntimeError) -> RuntimeError:
+    """A DataLoader's "worker exited unexpectedly" error with what to do about it (other errors unchanged)."""
+    if "DataLoader worker" not in str(e):
+        return e
+    return RuntimeError(f"{e}. Rerun with data.num_workers=0 to see the error in the main process; a worker killed "
+                        "by the system is often out of memory (lower data.num_workers, data.batch_size or data.crop)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,12 +368,19 @@ def _list_files(folder: Path, *, suffixes: Iterable[str], layout: str, recursive
     """Files under ``folder`` whose names end with one of ``suffixes`` (case-insensitive), sorted."""
     suffixes = tuple(s.lower() for s in suffixes)
     walk = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(
+    candidates = sorted(
         p for p in walk
-        if p.name.lower().endswith(suffixes) and p.is_file()
+        if p.name.lower().endswith(suffixes)
         # hidden files and folders (.ipynb_checkpoints, macOS ._ files) are not samples
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+    files = [p for p in candidates if p.is_file()]
+    dropped = [p for p in candidates if not p.is_file() and not p.is_dir()]  # broken links, sockets, ...
+    if dropped:
+        names = ", ".join(p.name for p in dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+        warnings.warn(f"{folder}: {len(dropped)} entr{'y' if len(dropped) == 1 else 'ies'} with an image suffix "
+                      f"{'is' if len(dropped) == 1 else 'are'} not a readable file (a broken link?), left out: {names}",
+                      DatasetWarning, stacklevel=3)
     if not files:
         raise DatasetError(f"{folder}: no files ending with {'/'.join(suffixes)} found. Expected layout: {layout}")
     return files
@@ -760,24 +778,35 @@ def darkzurich_dataset(
 # ----------------------------------------------------------------------------------------------------------
 
 _FOLDER_LAYOUT = (
-    "ROOT/images/<name>.{png,jpg,jpeg,bmp,webp}, optional ROOT/masks/<name>.png (class indices), "
-    "ROOT/classes.yaml with 'names' (list), optional 'palette' (list of [R, G, B]), 'ignore_index' "
-    "(default 255) and 'id_map' (raw value -> class index)"
+    "ROOT/images/<name>.{png,jpg,jpeg,bmp,webp}, optional ROOT/masks/<name>.png (class indices, or RGB colours "
+    "with mask_format: color), ROOT/classes.yaml with 'names' (list), optional 'palette' (list of [R, G, B]), "
+    "'ignore_index' (default 255), 'id_map' (raw value -> class index), 'mask_format' (index | color) and "
+    "'ignore_color' ([R, G, B], colour masks)"
 )
-_CLASSES_KEYS = ("names", "palette", "ignore_index", "id_map")
+_CLASSES_KEYS = ("names", "palette", "ignore_index", "id_map", "mask_format", "ignore_color")
+MASK_FORMATS = ("index", "color")
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # YAML's true/false are ints in Python
 
 
-def load_folder_classes(path: str | Path) -> tuple[ClassSpec, int, dict[int, int] | None]:
-    """Read a folder dataset's ``classes.yaml``.
+@dataclass(frozen=True)
+class FolderClasses:
+    """A folder dataset's ``classes.yaml``: ``spec`` (``ignore_index=255``: masks from the dataset always use 255),
+    ``ignore_value`` (the raw value meaning ignore in index masks), ``id_map`` (raw value -> class index, or None),
+    ``mask_format`` (``"index"`` or ``"color"``: RGB masks in the ``palette`` colours), ``ignore_color`` (the RGB
+    colour meaning ignore in colour masks, or None)."""
 
-    Returns ``(spec, ignore_value, id_map)``: ``spec`` has ``ignore_index=255`` (masks from the dataset always
-    use 255 for ignore), ``ignore_value`` is the raw value meaning ignore in the mask files, ``id_map`` the
-    raw value -> class index map or ``None``. Errors name the file and the key.
-    """
+    spec: ClassSpec
+    ignore_value: int = IGNORE_INDEX
+    id_map: dict[int, int] | None = None
+    mask_format: str = "index"
+    ignore_color: tuple[int, int, int] | None = None
+
+
+def load_folder_classes(path: str | Path) -> FolderClasses:
+    """Read a folder dataset's ``classes.yaml`` (see :class:`FolderClasses`); errors name the file and the key."""
     import yaml
 
     path = Path(path)
@@ -835,11 +864,66 @@ def load_folder_classes(path: str | Path) -> tuple[ClassSpec, int, dict[int, int
                 )
             parsed[raw] = IGNORE_INDEX if v == ignore else int(v)
         id_map = parsed
+    mask_format = data.get("mask_format", "index")
+    if mask_format not in MASK_FORMATS:
+        raise DatasetError(f"{path}: key 'mask_format': expected one of {list(MASK_FORMATS)}, got {mask_format!r}")
+    ignore_color = data.get("ignore_color")
+    if ignore_color is not None and not (isinstance(ignore_color, list) and len(ignore_color) == 3
+                                         and all(_is_int(v) and 0 <= v <= 255 for v in ignore_color)):
+        raise DatasetError(f"{path}: key 'ignore_color': expected [R, G, B] (integers 0..255), got {ignore_color!r}")
+    if mask_format == "color":
+        if palette is None:
+            raise DatasetError(f"{path}: mask_format: color needs key 'palette': the [R, G, B] colour of each class, "
+                               "as the masks draw it")
+        if id_map is not None:
+            raise DatasetError(f"{path}: key 'id_map' maps raw index values; colour masks are mapped by 'palette'")
+        if len({tuple(c) for c in palette}) != len(palette):
+            raise DatasetError(f"{path}: key 'palette': mask_format: color needs one distinct colour per class")
     try:
         spec = ClassSpec(names=tuple(str(n) for n in names), palette=tuple(map(tuple, palette)) if palette else None)
     except ValueError as e:
         raise DatasetError(f"{path}: {e}") from e
-    return spec, ignore, id_map
+    return FolderClasses(spec=spec, ignore_value=ignore, id_map=id_map, mask_format=mask_format,
+                         ignore_color=tuple(ignore_color) if ignore_color is not None else None)
+
+
+class ColorMapper:
+    """RGB colour-coded masks -> class indices through the class ``palette``.
+
+    Colours not in the palette become 255 (ignore); each file that has some gives one warning with their count
+    (``ignore_color``, when set, is ignore without a warning).
+    """
+
+    has_invalid = False
+
+    def __init__(self, palette: Sequence[Sequence[int]], *, ignore_color: Sequence[int] | None = None) -> None:
+        codes = [_rgb_code(c) for c in palette]
+        order = np.argsort(codes)
+        self.codes = np.asarray(codes, dtype=np.int64)[order]
+        self.classes = order.astype(np.uint8)
+        self.ignore_code = _rgb_code(ignore_color) if ignore_color is not None else None
+
+    def __call__(self, raw: torch.Tensor, path: Path) -> torch.Tensor:
+        if raw.shape[0] < 3:
+            raise DatasetError(f"{path}: mask_format: color expects RGB masks, got {raw.shape[0]} channel(s)")
+        rgb = raw[:3].to(torch.int64).numpy()
+        code = (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]  # (H, W)
+        idx = np.clip(np.searchsorted(self.codes, code), 0, len(self.codes) - 1)
+        known = self.codes[idx] == code
+        mask = np.where(known, self.classes[idx], IGNORE_INDEX).astype(np.uint8)
+        unknown = ~known if self.ignore_code is None else ~known & (code != self.ignore_code)
+        n = int(unknown.sum())
+        if n:
+            colours = np.unique(code[unknown])
+            shown = ", ".join(str(tuple(int(v) for v in ((c >> 16) & 255, (c >> 8) & 255, c & 255)))
+                              for c in colours[:5])
+            warnings.warn(f"{path}: {n} pixel(s) of {len(colours)} colour(s) not in the palette ({shown}"
+                          f"{' ...' if len(colours) > 5 else ''}) are ignored", DatasetWarning, stacklevel=2)
+        return torch.from_numpy(mask)
+
+
+def _rgb_code(c: Sequence[int]) -> int:
+    return (int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2])
 
 
 def folder_dataset(
@@ -857,7 +941,9 @@ def folder_dataset(
     ``classes.yaml`` keys: ``names`` (list, required), ``palette`` (list of ``[R, G, B]``), ``ignore_index``
     (raw value meaning ignore, default 255; the dataset's masks always carry 255), ``id_map`` (raw value ->
     class index; unmapped values become ignore). Without ``id_map`` a mask value outside ``0..C-1`` and the
-    ignore value is an error naming the file and the values.
+    ignore value is an error naming the file and the values. ``mask_format: color`` reads RGB masks drawn in the
+    ``palette`` colours (:class:`ColorMapper`: other colours become ignore, counted and warned; ``ignore_color``
+    names the colour meaning ignore).
 
     With ``split``, the folder is ``ROOT/SPLIT``; its ``classes.yaml`` is looked up there, then in ``ROOT``.
     ``classes`` (a :class:`ClassSpec`) replaces the class file; an unlabelled folder (``with_labels=False``)
@@ -871,9 +957,10 @@ def folder_dataset(
 
     candidates = [base / "classes.yaml"] + ([base.parent / "classes.yaml"] if split else [])
     class_file = next((p for p in candidates if p.is_file()), None)
-    ignore_value, id_map = IGNORE_INDEX, None
+    ignore_value, id_map, info = IGNORE_INDEX, None, None
     if class_file is not None and classes is None:
-        classes, ignore_value, id_map = load_folder_classes(class_file)
+        info = load_folder_classes(class_file)
+        classes, ignore_value, id_map = info.spec, info.ignore_value, info.id_map
     elif classes is not None:
         ignore_value = classes.ignore_index
         classes = ClassSpec(names=classes.names, palette=classes.palette)
@@ -888,10 +975,13 @@ def folder_dataset(
         assert classes is not None
         mask_dir = _require_dir(base / "masks", "the masks folder (or build with with_labels=False)", _FOLDER_LAYOUT)
         mask_for = lambda p: mask_dir / p.relative_to(img_dir).with_suffix(".png")  # noqa: E731
-        mapper = (
-            LabelMapper.from_id_map(id_map) if id_map is not None
-            else LabelMapper.strict(classes.num_classes, ignore_value=ignore_value)
-        )
+        if info is not None and info.mask_format == "color":
+            mapper = ColorMapper(classes.palette, ignore_color=info.ignore_color)
+        else:
+            mapper = (
+                LabelMapper.from_id_map(id_map) if id_map is not None
+                else LabelMapper.strict(classes.num_classes, ignore_value=ignore_value)
+            )
     items = _pair(images, mask_for=mask_for, name_for=lambda p: _rel_name(p, img_dir), on_error=on_error,
                   what=f"folder dataset {base}")
     return _make(items, kind="folder", root=Path(root).expanduser(), split=split, with_labels=with_labels,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sfdaseg.data.datasets import worker_died
+
 __all__ = ["LabelScan", "inverse_frequency_weights", "scan_labels"]
 
 
@@ -52,12 +54,18 @@ def scan_labels(dataset: Dataset, *, num_classes: int, num_workers: int = 0, bat
     hist = torch.zeros(num_classes, dtype=torch.long)
     empty: list[str] = []
     n = 0
-    for items in loader:
-        for h, name in items:
-            hist += h
-            n += 1
-            if int(h.sum()) == 0:
-                empty.append(name)
+    try:
+        for items in loader:
+            for h, name in items:
+                hist += h
+                n += 1
+                if int(h.sum()) == 0:
+                    empty.append(name)
+    except RuntimeError as e:
+        hinted = worker_died(e)
+        if hinted is e:
+            raise
+        raise hinted from e
     return LabelScan(hist=hist, empty=empty, num_samples=n)
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sfdaseg.amp import AMP_DTYPES
 from sfdaseg.config import ConfigError, OptimConfig, TrainConfig
+from sfdaseg.data.datasets import worker_died
 from sfdaseg.engine.distributed import DistInfo, SeededDataset, StreamSampler, barrier, sample_seed
 from sfdaseg.engine.hooks import HookBase, ProgressHook, TensorBoardHook
 from sfdaseg.engine.rundir import trim_metrics
@@ -180,11 +181,10 @@ class Trainer:
         try:
             batch = next(data)
         except RuntimeError as e:  # "DataLoader worker (pid(s) ...) exited unexpectedly / is killed by signal"
-            if "DataLoader worker" not in str(e):
+            hinted = worker_died(e)
+            if hinted is e:
                 raise
-            raise RuntimeError(f"{e}. Rerun with data.num_workers=0 to see the error in the main process; a worker "
-                               "killed by the system is often out of memory (lower data.num_workers, "
-                               "data.batch_size or data.crop)") from e
+            raise hinted from e
         if isinstance(batch.get("image"), list):  # collate keeps samples of different sizes as a list
             sizes = sorted({tuple(im.shape[-2:]) for im in batch["image"]})
             raise ConfigError(f"a training batch holds images of different sizes {sizes} (H, W) "

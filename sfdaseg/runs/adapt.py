@@ -106,6 +106,10 @@ def run_adapt(cfg: AdaptConfig) -> Path:
                                            amp=cfg.train.amp, progress=cfg.train.progress, before_labelling=prepare)
     logger.info(f"adapt {cfg.recipe} ({recipe.summary}): {model.name} from {cfg.checkpoint}; target {d.target}: "
                 f"{len(train_ds)} images (labels not read); device {device}")
+    global_batch = d.batch_size * cfg.train.accumulate * dist_info.world_size
+    if len(train_ds) < global_batch:
+        logger.warning(f"{d.target}: {len(train_ds)} target image(s), fewer than one batch of {global_batch}: every "
+                       f"batch repeats images (the stream cycles through them)")
 
     torch.manual_seed(cfg.train.seed)  # recipe-owned modules (metric nets, proxies) start the same for a seed
     ctx = AdaptContext(model=model, classes=classes, device=device, export=cfg.export, target=target_ctx,
