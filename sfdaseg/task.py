@@ -83,6 +83,11 @@ class Task(Protocol):
         """Models trained beside the delivered one, saved as ``RUN/<name>.ckpt`` (e.g. DUDA's large teacher)."""
         ...
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Models the step runs but does not train (an EMA teacher, a frozen source model): the loop gives them the
+        students' memory format and compile setting, so a teacher forward costs what a student forward costs."""
+        ...
+
 
 class TaskBase:
     """No-op defaults for the optional parts of :class:`Task`; subclasses implement the required four."""
@@ -100,4 +105,7 @@ class TaskBase:
         return None
 
     def extra_exports(self) -> dict[str, nn.Module]:
+        return {}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
         return {}

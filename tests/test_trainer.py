@@ -160,3 +160,28 @@ def test_metrics_jsonl_has_loss_lr_and_throughput(tmp_path):
     rec = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"step", "loss", "lr", "images_per_s", "data_wait_frac"} <= set(rec)
     assert any((tmp_path / "log" / "tb").iterdir())  # TensorBoard event file
+
+
+def test_teacher_follows_the_students_memory_format(tmp_path):
+    """train.channels_last: the EMA teacher's (and the frozen source's) conv weights are channels-last too."""
+    from sfdaseg.config import AdaptConfig, load_config
+    from sfdaseg.data.classes import CITYSCAPES19
+    from sfdaseg.engine.distributed import DistInfo
+    from sfdaseg.engine.trainer import Trainer
+    from sfdaseg.methods import RECIPES
+    from sfdaseg.methods.common import AdaptContext
+    from sfdaseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=19, width=4)
+    cfg = load_config(AdaptConfig, overrides=[f"checkpoint={__file__}", "train.channels_last=true",
+                                              f"train.out={tmp_path}", "method.anchor_weight=0.5"])
+    ctx = AdaptContext(model=model, classes=CITYSCAPES19, device=torch.device("cpu"), export="teacher", iters=2)
+    task = RECIPES["selftrain"].build(ctx, cfg.method_config())
+    Trainer(task, [], train_cfg=cfg.train, optim_cfg=cfg.optim, batch_size=2, num_workers=0,
+            device=torch.device("cpu"), dist_info=DistInfo(), run_dir=tmp_path, save_model=lambda p, m: None)
+    frozen = task.frozen_modules()
+    assert set(frozen) == {"teacher", "source"}
+    for m in frozen.values():
+        w = next(p for p in m.parameters() if p.dim() == 4)
+        assert w.is_contiguous(memory_format=torch.channels_last)

@@ -142,6 +142,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.amp == "fp16")
         self.wrapped: dict[str, nn.Module] = {}
         task.wrap_trainable(self._wrap)
+        # Teachers and frozen models follow the students' memory format and compile setting: a channels-last
+        # student next to a contiguous teacher would pay a layout conversion at every teacher layer.
+        for m in task.frozen_modules().values():
+            m.to(device)
+            if train_cfg.channels_last:
+                m.to(memory_format=torch.channels_last)
+            if train_cfg.compile:
+                m.compile()  # in place: parameter names stay, so the EMA update and state dicts are unchanged
         self.metrics_file = self.run_dir / "metrics.jsonl"
 
     @property

@@ -139,6 +139,13 @@ class TeacherStudentTask(TaskBase):
     def after_optimizer_step(self, step: int) -> None:
         self.teacher.update(self.student, step)
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen = {"teacher": self.teacher}
+        source = getattr(getattr(self, "reg", None), "source", None)  # the collapse regularizer's anchor
+        if source is not None:
+            frozen["source"] = source
+        return frozen
+
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict()}
 

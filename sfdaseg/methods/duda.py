@@ -192,6 +192,9 @@ class DUDA(TeacherStudentTask):
             logger.info(f"duda: the small student distils from the frozen source model for {self.warmup_steps} "
                         f"steps first (method.small_warmup)")
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {**super().frozen_modules(), **{f"teacher{i}": t for i, t in enumerate(self.extra_teachers)}}
+
     def state_dict(self):
         return {**super().state_dict(), "hist": self.hist.state_dict(), "confusion": self.confusion.state_dict()}
 

@@ -602,6 +602,10 @@ class SFDALiu(TaskBase):
         if every and (step + 1) % every == 0 and self.run_dir is not None:
             self.save_samples(self.run_dir / "generated" / f"step_{step + 1:06d}.png")
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        # The source's BatchNorm hooks read their inputs' statistics: they work in a compiled graph too.
+        return {"source": self.source, **({"teacher": self.teacher} if self.teacher is not None else {})}
+
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
 

@@ -312,6 +312,10 @@ class UniSFDA(TeacherStudentTask):
             self.kd_ensemble = EnsembleLabeller(teachers, passes=cfg.online_mc_passes,
                                                 measure=cfg.uncertainty_measure).eval()
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        ensemble = {"kd_ensemble": self.kd_ensemble} if self.kd_ensemble is not None else {}
+        return {**super().frozen_modules(), **ensemble}
+
     def state_dict(self):
         return {**super().state_dict(), "offline_stats": self.offline_stats.state_dict(),
                 "online_stats": self.online_stats.state_dict()}
