@@ -216,8 +216,11 @@ class MonitorHook(HookBase):
             saved["measured"] = [m for m in saved.get("measured", []) if m <= trainer.step]
             saved["alarms"] = [a for a in saved.get("alarms", []) if a["step"] <= trainer.step]
             self.state = {**self.state, **saved, "stopped_at": None}
-        if trainer.step == 0:
-            self._run(trainer)  # the starting point: for a source-free run, the source model's signals
+        due = self.every and trainer.step % self.every == 0 and trainer.step not in self.state["measured"]
+        if trainer.step == 0 or (due and not trainer.is_last_step):
+            # The starting point (for a source-free run, the source model's signals), or a measurement a killed
+            # run missed: it saved its checkpoint at this step and stopped before measuring.
+            self._run(trainer)
 
     def after_step(self, trainer: "Trainer") -> None:
         if self.every and trainer.step % self.every == 0 and not trainer.is_last_step:
