@@ -115,16 +115,21 @@ class Package:
     nested: tuple[str, tuple[str, ...]] | None = None
 
 
+_LOMIRI_USED = ("picosdeeuropa_by_Aitzol_Berasategi", "aitzgorri_by_Aitzol_Berasategi", "sunset_by_Aitzol_Berasategi",
+                "seeding_by_Clements_Engelhardt", "life_by_Aitzol_Berasategi", "Kleiber_by_Lukas_Baubkus")
+_LXQT_USED = ("fog.jpg", "after-the-rain.jpg", "this-is-not-windows.jpg", "cloud.png", "Valendas.png", "flowers.png",
+              "drop.png")
+_PLASMA_USED = ("BytheWater", "ColdRipple", "EveningGlow", "Kite", "OneStandsOut", "Path", "summer_1am")
 _WHEEL = ("--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
           "--platform", "manylinux2014_x86_64")
 PACKAGES: tuple[Package, ...] = (
     Package("apt", "tuxpaint-data", None, ("usr/share/tuxpaint/templates/*.jpg",)),
     Package("apt", "plasma-workspace-wallpapers", None,
-            ("usr/share/wallpapers/*/contents/images/*.jpg", "usr/share/wallpapers/*/contents/images/*.png")),
+            tuple(f"usr/share/wallpapers/{t}/contents/images/*" for t in _PLASMA_USED)),
     Package("apt", "mate-backgrounds", None, ("usr/share/backgrounds/mate/nature/*.jpg",)),
-    Package("apt", "lomiri-wallpapers-16.04", None, ("usr/share/backgrounds/*.jpg",)),
-    Package("apt", "lomiri-wallpapers-20.04", None, ("usr/share/backgrounds/*.jpg",)),
-    Package("apt", "lxqt-themes", None, ("usr/share/lxqt/wallpapers/*.jpg", "usr/share/lxqt/wallpapers/*.png")),
+    Package("apt", "lomiri-wallpapers-16.04", None, tuple(f"usr/share/backgrounds/{n}.jpg" for n in _LOMIRI_USED)),
+    Package("apt", "lomiri-wallpapers-20.04", None, tuple(f"usr/share/backgrounds/{n}.jpg" for n in _LOMIRI_USED)),
+    Package("apt", "lxqt-themes", None, tuple(f"usr/share/lxqt/wallpapers/{n}" for n in _LXQT_USED)),
     Package("apt", "sweethome3d", None, ("usr/share/sweethome3d/sweethome3d.jar",),
             nested=("usr/share/sweethome3d/sweethome3d.jar", ("com/eteks/sweethome3d/io/resources/textures/*.jpg",))),
     Package("apt", "gimp-data", None, ("usr/share/gimp/2.0/patterns/*.pat",)),
@@ -1058,6 +1063,15 @@ def build(out: str | Path, raw_dir: str | Path, *, seed: int = 0, size: Sequence
                       for s in TARGET_FRACTIONS}},
     }
     fingerprint = hashlib.sha1(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
+    all_params = {split: {"bench_version": BENCH_VERSION, "seed": seed, "size": [H, W], "length": lengths[split],
+                          "raw_items": fingerprint} for split in SPLITS}
+    for split, params in all_params.items():  # refuse before writing anything
+        for marker in (out / split / ".complete.json", out / split / ".params.json"):
+            if marker.is_file():
+                info = json.loads(marker.read_text())
+                if info.get("params", info) != params:
+                    raise ValueError(f"{out / split} was built with other settings ({info.get('params', info)}, now "
+                                     f"{params}); remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     summary: dict[str, Any] = {"packages": versions, "splits": {}, "out": str(out), "missing_raw": cat.missing}
@@ -1066,21 +1080,14 @@ def build(out: str | Path, raw_dir: str | Path, *, seed: int = 0, size: Sequence
     for si, split in enumerate(SPLITS):
         domain = split.split("/")[0]
         folder = out / split
-        params = {"bench_version": BENCH_VERSION, "seed": seed, "size": [H, W], "length": lengths[split],
-                  "raw_items": fingerprint}
+        params = all_params[split]
         done = folder / ".complete.json"
         if done.is_file():
-            info = json.loads(done.read_text())
-            if info.get("params") != params:
-                raise ValueError(f"{folder} was built with other settings ({info.get('params')}, now {params}); "
-                                 "remove it or choose another --out")
-            summary["splits"][split] = info["summary"]
+            summary["splits"][split] = json.loads(done.read_text())["summary"]
             if verbose:
                 _log(f"{split}: complete, skipped")
             continue
         started = folder / ".params.json"
-        if started.is_file() and json.loads(started.read_text()) != params:
-            raise ValueError(f"{folder} holds a partial build with other settings; remove it or choose another --out")
         (folder / "images").mkdir(parents=True, exist_ok=True)
         (folder / "masks").mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(started, json.dumps(params).encode())

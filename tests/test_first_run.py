@@ -4,6 +4,8 @@ a dataset holds is dropped without a word."""
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from sfdaseg.losses import ohem_cross_entropy, seg_cross_entropy
 from sfdaseg.methods.source import SupervisedSegmentation
 from sfdaseg.models import MODELS, build_model, load_model, model_options
 
+ROOT = Path(__file__).resolve().parents[1]
 H, W = 48, 64
 PALETTE = [[0, 0, 0], [220, 20, 60], [0, 0, 142]]
 
@@ -41,20 +44,41 @@ def write_folder(root, *, n: int = 6, colour: bool = False, seed: int = 0) -> No
     (root / "classes.yaml").write_text("names: [background, crack, wire]\n" + extra)
 
 
-def test_train_source_and_adapt_on_a_fresh_folder_with_the_first_commands(tmp_path, capsys, monkeypatch):
-    """The README's first commands, exactly: no crop, no val, no other option."""
+def readme_first_commands() -> list[list[str]]:
+    """The ``sfdaseg`` commands of the README's "Your own data, first commands" block, ``--iters`` made tiny."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Your own data, first commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.strip().splitlines():
+        argv = shlex.split(line.split("#", 1)[0])
+        assert argv[0] == "sfdaseg", line
+        if "--iters" in argv:
+            argv[argv.index("--iters") + 1] = "3"
+        commands.append(argv[1:])
+    return commands
+
+
+def test_the_readmes_first_commands_run_on_a_fresh_folder(tmp_path, capsys, monkeypatch):
+    """No crop, no val split, no other option: train-source, adapt and evaluate as the README writes them."""
     write_folder(tmp_path / "D" / "train")
     write_folder(tmp_path / "D" / "val", n=3, seed=1)
+    write_folder(tmp_path / "T", n=3, seed=2)
+    for p in (tmp_path / "T" / "masks").iterdir():  # unlabelled target images
+        p.unlink()
+    (tmp_path / "T" / "masks").rmdir()
     monkeypatch.chdir(tmp_path)
-    assert main(["train-source", "--model", "tiny", "--data", "folder:D/train", "--iters", "3", "--out", "R"]) == 0
-    ckpt = capsys.readouterr().out.strip().splitlines()[-1]
-    assert ckpt == "R/model.ckpt" and load_model(ckpt)[1].classes.names == ("background", "crack", "wire")
+    train, adapt, evaluate = readme_first_commands()
+    assert train[:1] == ["train-source"] and adapt[:1] == ["adapt"] and evaluate[:1] == ["evaluate"]
+    assert main(train) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "R/model.ckpt"
+    assert load_model("R/model.ckpt")[1].classes.names == ("background", "crack", "wire")
     assert not (tmp_path / "R" / "eval.json").exists()  # no val split given: none is invented
-    assert main(["adapt", "--checkpoint", "R/model.ckpt", "--target", "folder:D/val", "--iters", "3",
-                 "--out", "A"]) == 0
+    assert main(adapt) == 0
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[-1] == "A/model.ckpt"
     assert "fewer than one batch" in err  # 3 target images, batch 4: said, not hidden
+    assert json.loads((tmp_path / "A" / "metrics.json").read_text())["guard"]["delivered_step"] is not None
+    assert main(evaluate) == 0 and "mIoU" in capsys.readouterr().err
 
 
 def test_built_in_benchmark_keeps_its_own_val_split_by_default():
