@@ -1,63 +1,60 @@
 """A real-image SFDA benchmark built from registry packages: video-game textures -> photographed materials.
 
 **What it is.** Outdoor-scene segmentation with 6 material classes, ``sky, water, vegetation, rock, wood,
-ground``, in two domains, the way a model trained on a video game meets real photos. Both domains share one
-procedural scene layout (horizon, distant hills, lakes, ground patches, boulders, trees with trunks and
-canopies, wooden fences and jetties); each class region is filled with a material of that class:
+ground``, in two domains, the way a model trained on a video game meets real photos. Both domains draw their
+layouts from one procedural generator (:func:`make_layout`: horizon, distant hills, lakes, ground patches,
+boulders, rock outcrops, trees with trunks and canopies, fences, jetties, cabin walls); each class region is
+filled with a material of that class:
 
-* **source** (rendered / drawn): Minetest's own 16x16 game textures (grass, leaves, stone, cobble, planks,
-  bark, dirt, sand, water, ...) tiled as pixel art, GIMP's rendered (script-drawn) patterns, flat cartoon
-  colours with outlines, gradient skies with blocky or cartoon clouds. Clean, no camera.
-* **target** (photographed): crops of real photographs of each material (Tux Paint's photo templates, KDE
-  Plasma and MATE photo wallpapers, GIMP's photographic texture tiles, scikit-image's gravel photo), seen
-  through a simulated camera: exposure and white balance, gamma, vignetting, defocus, shot and read noise,
-  JPEG compression.
+* **source** (rendered / drawn, a block game): Minetest's own 16x16 game textures (grass, leaves, stone,
+  cobble, planks, bark, dirt, sand, water, ...) tiled as crisp pixel art, GIMP's rendered (script-drawn)
+  patterns, flat cartoon colours, gradient skies with blocky or cartoon clouds; 70% of the layouts snapped to
+  a voxel grid (:func:`blockify`: the world of a block game), a third with cartoon outlines. No camera.
+* **target** (photographed): crops of real photographs of each material (:data:`TARGET_MATERIALS`: Tux Paint's
+  photo templates, KDE Plasma, MATE, Ubuntu Touch and LXQt photo wallpapers, GIMP's and Sweet Home 3D's
+  photographic texture tiles, scikit-image's gravel and scikit-learn's China photo; crop boxes checked by
+  eye), seen through a simulated camera and its light (:func:`camera_effects`: exposure, white balance, haze,
+  contrast, gamma, vignetting, defocus, shot and read noise, JPEG).
 
 Labels are exact by construction: the layout *is* the mask (every pixel has a class; 255 never occurs).
-Layout statistics are identical in the two domains, so the shift is one of appearance: game/drawn textures vs
-photographs.
 
 **Raw material** (fetched when the script runs, with the ordinary clients, cached; see :data:`PACKAGES`):
-Debian ``tuxpaint-data``, ``plasma-workspace-wallpapers``, ``mate-backgrounds``, ``gimp-data``,
-``gimp-data-extras``, ``minetest-data`` (``apt-get download``, unpacked with ``dpkg-deb --fsys-tarfile`` or in
-Python) and PyPI ``scikit-image==0.26.0`` (``pip download --no-deps``, one file of the wheel). About 190 MB
-downloaded once, 60 MB unpacked (image files only). Which photo region is which material is the table
-:data:`TARGET_MATERIALS` (crop boxes checked by eye); Minetest and GIMP textures are listed in
-:data:`SOURCE_TEXTURES` and :data:`SOURCE_GIMP`.
+Debian ``tuxpaint-data``, ``plasma-workspace-wallpapers``, ``mate-backgrounds``, ``lomiri-wallpapers-16.04``,
+``lomiri-wallpapers-20.04``, ``lxqt-themes``, ``sweethome3d`` (its texture catalogue, inside the jar),
+``gimp-data``, ``gimp-data-extras``, ``minetest-data`` (``apt-get download``, unpacked with
+``dpkg-deb --fsys-tarfile`` or in Python) and PyPI ``scikit-image==0.26.0``, ``scikit-learn==1.9.1``
+(``pip download --no-deps`` of one fixed wheel each, one file kept). About 250 MB downloaded once (kept in
+``CACHE/apt`` and ``CACHE/pip``), 46 MB unpacked (only the image files used). Debian packages are taken in
+the archive's current version (recorded in ``.complete.json`` and ``manifest.json``); a listed file that a
+future version lacks is reported and left out.
 
 **Splits** (folder datasets in sfdaseg's layout, ``images/*.png``, ``masks/*.png``, ``classes.yaml``):
 ``source/train`` (1000), ``source/val`` (200), ``target/train`` (1000), ``target/val`` (200),
-``target/test`` (300), 128x128 by default. Source and target use disjoint raw files (game/drawn textures vs
-photos). Within the target every raw photo (with all its material crops) belongs to exactly one of
-train/val/test, about 60/20/20 per class, assigned by a fixed hash of the file name (independent of
-``--seed``), so ``target/test`` is held out: its photos are never seen in target/train or target/val. The
-source splits share the game textures (only the scenes differ). ``DIR/manifest.json`` lists the raw items of
-every split and the package versions.
+``target/test`` (300), 128x128 by default. Source and target share no raw file (game/drawn textures vs
+photos). Within the target every raw photo, with all its material crops, belongs to exactly one split
+(:func:`assign_groups`: per class about 55/20/25 of the photos, in a fixed hash order of their names,
+independent of ``--seed``), so ``target/test`` is held out: its photos are never seen in target/train or
+target/val. The source splits share the game textures (only the scenes differ). ``DIR/manifest.json`` lists
+the photos and materials of every split and the package versions.
 
 **Command**::
 
     python benchmarks/real_benchmark.py --out data/real            # fetches into ~/.cache/sfdaseg/real_benchmark
     python benchmarks/real_benchmark.py --out data/real --raw DIR  # offline, from already-unpacked packages
+    python benchmarks/real_benchmark.py --out data/real_s1 --seed 1 --size 128 256 --lengths 800 200 800 200 250
 
-Deterministic given ``--seed`` (each sample has its own random generator seeded by seed, split and index);
-files are written under a temporary name and renamed; a rerun skips finished splits and finished samples and
-refuses an output folder built with other settings. About MEASURED_BUILD_TIME on 2 CPU cores (fetching
-included, on this project's machine).
+Deterministic given ``--seed`` (each sample has its own random generator seeded by seed, split and index; a
+build from a fresh cache equals one from an old cache, file for file); files are written under a temporary
+name and renamed; a rerun skips finished splits and finished samples, and an output folder built with other
+settings is refused before anything is written.
 
-**Measured gap** (``tiny`` model, 128x128, 1000 iterations of batch 8, AdamW 2e-3, one CPU thread; every
-command in ``/work/notes/real_benchmark_notes.md``)::
+**Base models and measured gap**: ``benchmarks/results/real_benchmark.md`` has the commands that train the
+source-only model and the target oracle on this benchmark and what they measured.
 
-    OMP_NUM_THREADS=1 python -m sfdaseg train-source --model tiny --data folder:DIR/source:train \\
-        --val folder:DIR/source:val --iters 1000 --out runs/rb_src data.crop=[128,128] data.batch_size=8 \\
-        data.num_workers=0 optim.lr=2e-3 optim.head_lr_mult=1.0 optim.warmup_iters=50 train.device=cpu
-    # the oracle: the same with --data folder:DIR/target:train --val folder:DIR/target:val
-    python -m sfdaseg evaluate --checkpoint runs/rb_src/model.ckpt --data folder:DIR/target:test
-
-MEASURED_TABLE
-
-The pure parts are importable and need no network: :func:`make_layout`, :func:`compose_scene`,
-:func:`game_texture`, :func:`camera_effects`, :func:`tile_pattern`, :func:`read_gimp_pattern`,
-:func:`assign_groups`, :func:`build` (from an unpacked raw folder) and :func:`write_fake_raw` (a tiny fake raw
+The pure parts are importable and need no network: :func:`make_layout`, :func:`blockify`,
+:func:`compose_scene`, :func:`game_texture`, :func:`game_sky`, :func:`flat_fill`, :func:`photo_fill`,
+:func:`tile_pattern`, :func:`camera_effects`, :func:`read_gimp_pattern`, :func:`assign_groups`,
+:func:`make_sample`, :func:`build` (from an unpacked raw folder) and :func:`write_fake_raw` (a tiny fake raw
 folder with the same layout, for tests).
 """
 
@@ -82,6 +79,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from sfdaseg.storage import atomic_write_bytes
 
 BENCH_VERSION = 1
 CLASSES = ["sky", "water", "vegetation", "rock", "wood", "ground"]
@@ -276,10 +275,8 @@ def _log(msg: str) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # Thousands of small files: no fsync per file (a torn file after a power cut is rebuilt by the next run).
+    atomic_write_bytes(path, data, durable=False)
 
 
 def _keep(member: str, patterns: Sequence[str]) -> bool:
@@ -498,7 +495,8 @@ def _smooth_noise(n: int, rng: np.random.Generator, *, knots: int = 6) -> np.nda
     return np.interp(np.linspace(0, knots, n), np.arange(knots + 1), k)
 
 
-def _blob(cx: float, cy: float, rx: float, ry: float, rng: np.random.Generator, n: int = 14) -> list[tuple[float, float]]:
+def _blob(cx: float, cy: float, rx: float, ry: float, rng: np.random.Generator,
+          n: int = 14) -> list[tuple[float, float]]:
     ang = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
     r = 1.0 + 0.22 * _smooth_noise(n, rng, knots=5)
     return [(float(cx + rx * r[i] * np.cos(a)), float(cy + ry * r[i] * np.sin(a))) for i, a in enumerate(ang)]
