@@ -564,7 +564,10 @@ class AdaptConfig:
     # Non-empty: a multi-stage UniSFDA run (PipelineConfig; `checkpoint` is then the final, efficient model's source).
     stages: dict[str, Any] = field(default_factory=dict)
     data: AdaptDataConfig = field(default_factory=AdaptDataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=0.01))
+    # head_lr_mult 1: the source decoder is already trained, and a 10x head LR on pseudo-labels lets the
+    # classifier chase its own errors (SHOT freezes it outright); new modules a recipe adds (STvM's metric
+    # network, Liu et al.'s generator) have their own multipliers.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-5, weight_decay=0.01, head_lr_mult=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/adapt"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

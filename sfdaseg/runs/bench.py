@@ -254,7 +254,7 @@ def run_bench(cfg: BenchConfig, *, command: str = "sfdaseg bench") -> Path:
             timing = folder / "bench_time.json"
             walls.append(json.loads(timing.read_text())["wall_s"] if timing.exists() else float("nan"))
             points = _signal_points(folder, scorer, src["test"])
-            if points:
+            if len(points) >= 2:  # one checkpoint ranks nothing
                 signal_runs.append(points)
             logger.info(f"bench: {name} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()))
         results[name] = {"recipe": recipe, "overrides": overrides, "seeds": list(range(seeds)), "runs": runs,
