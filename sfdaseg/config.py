@@ -100,11 +100,16 @@ class DataConfig:
         return f"synthetic:{rest.split(':')[0]}:val" if kind.strip().lower() == "synthetic" else None
 
 
+CLASS_WEIGHT_MODES = ("auto", "log")  # weights from the label histogram
+
+
 @dataclass
 class LossConfig:
     """The supervised loss of ``train-source``: cross-entropy with the tools for imbalanced classes."""
 
-    class_weight: list[float] | str | None = None  # per-class CE weights, or auto: inverse class frequency
+    # per-class CE weights, or from the training labels' histogram: auto (inverse class frequency) or log
+    # (ENet's 1 / ln(1.02 + f), bounded, for a dominant background)
+    class_weight: list[float] | str | None = None
     ohem: bool = False  # online hard example mining: the hardest pixels only (mmsegmentation's OHEM)
     ohem_thresh: float = 0.7  # a pixel is hard when its true class's probability is below this
     ohem_min_kept: int | None = None  # hardest pixels kept at least, per batch; null: a fifth of its pixels
@@ -112,9 +117,9 @@ class LossConfig:
 
     def validate(self) -> None:
         cw = self.class_weight
-        if isinstance(cw, str) and cw != "auto":
-            raise ConfigError(f"loss.class_weight: expected a list of weights (one per class), 'auto' or null, "
-                              f"got {cw!r}")
+        if isinstance(cw, str) and cw not in CLASS_WEIGHT_MODES:
+            raise ConfigError(f"loss.class_weight: expected a list of weights (one per class), "
+                              f"{' | '.join(CLASS_WEIGHT_MODES)} or null, got {cw!r}")
         if isinstance(cw, list) and (not cw or min(cw) < 0):
             raise ConfigError(f"loss.class_weight: expected a non-empty list of weights >= 0, got {cw}")
         if not 0.0 < self.ohem_thresh <= 1.0:
@@ -407,7 +412,7 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False  # a much shorter run, for a smoke test
     model: str = "tiny"
-    recipe: str = "selftrain"  # the adaptation recipe the demo runs (its settings: sfdaseg.runs.demo.DEMO_RECIPES)
+    recipe: str = "selftrain"  # the adaptation recipe the demo runs, at its shipped defaults
     iters: int = 1000  # source and oracle training
     adapt_iters: int = 400
     batch_size: int = 8

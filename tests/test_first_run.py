@@ -14,7 +14,7 @@ from PIL import Image
 
 from sfdaseg.cli import main
 from sfdaseg.data.datasets import DatasetWarning, build_dataset
-from sfdaseg.data.stats import inverse_frequency_weights
+from sfdaseg.data.stats import inverse_frequency_weights, log_frequency_weights
 from sfdaseg.losses import ohem_cross_entropy, seg_cross_entropy
 from sfdaseg.methods.source import SupervisedSegmentation
 from sfdaseg.models import MODELS, build_model, load_model, model_options
@@ -131,6 +131,10 @@ def test_class_weights_raise_a_rare_classes_share_of_the_loss():
     w = inverse_frequency_weights(torch.tensor([90, 10, 0]))
     assert torch.allclose(w, torch.tensor([1 / (2 * 0.9), 1 / (2 * 0.1), 1.0]))
     assert torch.isclose((torch.tensor([0.9, 0.1]) * w[:2]).sum(), torch.tensor(1.0))
+    lw = log_frequency_weights(torch.tensor([90, 10, 0]))  # ENet: 1 / ln(1.02 + f), pixel-weighted mean 1
+    raw = 1 / np.log(1.02 + np.array([0.9, 0.1]))
+    assert torch.allclose(lw[:2], torch.tensor(raw / (np.array([0.9, 0.1]) * raw).sum(), dtype=torch.float32))
+    assert lw[2] == 1.0 and 1.0 < float(lw[1] / lw[0]) < float(w[1] / w[0])  # milder than 1 / f
 
 
 def test_ohem_keeps_the_hardest_pixels_and_at_least_min_kept():

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sfdaseg.data.datasets import worker_died
 
-__all__ = ["LabelScan", "inverse_frequency_weights", "scan_labels"]
+__all__ = ["LabelScan", "inverse_frequency_weights", "log_frequency_weights", "scan_labels"]
 
 
 class _MaskCounts(Dataset):
@@ -80,4 +80,18 @@ def inverse_frequency_weights(hist: torch.Tensor) -> torch.Tensor:
     present = f > 0
     w = torch.ones_like(f)
     w[present] = 1.0 / (present.sum() * f[present])
+    return w.float()
+
+
+def log_frequency_weights(hist: torch.Tensor, *, c: float = 1.02) -> torch.Tensor:
+    """``(C,)`` class weights ``w_c proportional to 1 / ln(c + f_c)`` (ENet, Paszke et al. 2016), pixel-weighted mean 1.
+
+    Bounded between ``1 / ln(1 + c)`` and ``1 / ln(c)`` before scaling (about 1.4 to 50 at ``c`` = 1.02), so a
+    background of 90% of the pixels is down-weighted far less than by ``1 / f``. Classes with no pixel get 1.
+    """
+    f = hist.double() / hist.sum().clamp_min(1)
+    present = f > 0
+    w = torch.ones_like(f)
+    raw = 1.0 / torch.log(c + f[present])
+    w[present] = raw / (f[present] * raw).sum()
     return w.float()

@@ -191,6 +191,12 @@ class DUDA(TeacherStudentTask):
         if self.warmup_steps:
             logger.info(f"duda: the small student distils from the frozen source model for {self.warmup_steps} "
                         f"steps first (method.small_warmup)")
+        if not cfg.student_checkpoint and ctx.is_main:
+            # Measured on both benchmarks: a short run cannot train a small network from scratch, so the delivered
+            # model ends far below the source model and the collapse guard can only roll back to the random start.
+            logger.warning("duda: no method.student_checkpoint: the small student starts from random weights and "
+                           "learns only from the source model's predictions; train a small source model "
+                           "(sfdaseg train-source --model SMALL ...) and pass it as method.student_checkpoint")
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {**super().frozen_modules(), **{f"teacher{i}": t for i, t in enumerate(self.extra_teachers)}}

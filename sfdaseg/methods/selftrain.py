@@ -4,20 +4,24 @@ Per step, on a batch of unlabelled target crops ``x`` (the weak view):
 
 1. the EMA teacher labels ``x``: probabilities ``p``, confidence ``max p``, label ``argmax p`` (crop padding is
    never labelled);
-2. a selection policy turns them into labels and pixel weights (default DAFormer's confidence-ratio weight:
+2. a selection policy turns them into labels and pixel weights (default: class-balanced, the top ``percentile``
+   % most confident pixels of each class against a running per-class confidence histogram over many batches
+   and all ranks, :class:`sfdaseg.class_stats.RunningClassHistogram`; or DAFormer's confidence-ratio weight:
    every pixel kept, each image weighted by the fraction of its pixels with confidence above ``tau`` = 0.968;
-   or a fixed threshold, class-balanced percentiles against a running per-class confidence histogram over many
-   batches and all ranks (:class:`sfdaseg.class_stats.RunningClassHistogram`), or nothing);
-3. the strong view (:mod:`sfdaseg.strong_view`): style swap, photometric augmentation, ClassMix between target
-   images (labels and weights move with the pixels);
+   or a fixed threshold, or nothing);
+3. the strong view (:mod:`sfdaseg.strong_view`): style swap (default: the Fourier amplitude of another target
+   image for every image), photometric augmentation, ClassMix between target images (labels and weights move
+   with the pixels);
 4. loss = mean of ``w * CE`` of the student on the strong view over the labelled pixels (the confidence-ratio
    weight scales the loss, as in DAFormer) + the collapse-prevention terms (:mod:`sfdaseg.regularizers`: class
    prior, anchor to the frozen source); the teacher follows the student by EMA (momentum 0.999 with the
    ``1 - 1/(t+1)`` warm-up).
 
 Published values (DAFormer, Hoyer et al. 2022): tau 0.968, EMA 0.999, ClassMix, colour jitter + blur. What is
-ours: the source-free setting (no source batch, target-to-target ClassMix), the running class statistics, the
-collapse-prevention terms and their default weights.
+ours: the source-free setting (no source batch, target-to-target ClassMix), the default selection and style
+swap (chosen on the val splits of both benchmarks), the running class statistics, the collapse-prevention terms
+(off by default: measured, they do not help at the default learning rate and hide a collapse from the guard at
+a high one).
 """
 
 from __future__ import annotations
@@ -36,14 +40,21 @@ from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels, softmax_confidence
 from sfdaseg.regularizers import CollapseConfig, SourceRegularizer
 from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.style import STYLE_KINDS
 from sfdaseg.task import StepOutput
 
 
 @dataclass
 class SelfTrainConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
     ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum (DAFormer)")
-    policy: str = choices(*POLICIES, default="ratio", origin="published",
-                          help="pseudo-label selection / weighting (ratio: DAFormer's confidence-ratio weight)")
+    # The shipped defaults (class-balanced selection, a Fourier style swap of every student image) were chosen
+    # on the val splits of both benchmarks over DAFormer's ratio weight and no style (benchmarks/results/).
+    style: str = choices(*STYLE_KINDS, default="fourier", origin="ours",
+                         help="intra-domain style swap of the student's view")
+    style_p: float = param(1.0, ge=0.0, le=1.0, origin="ours", help="probability that an image is re-styled")
+    policy: str = choices(*POLICIES, default="class_balanced", origin="ours",
+                          help="pseudo-label selection / weighting (class_balanced: top p% of each class, CBST-style, "
+                               "running statistics; ratio: DAFormer's confidence-ratio weight)")
     tau: float = param(0.968, ge=0.0, le=1.0, origin="published", help="confidence threshold (DAFormer)")
     percentile: float = param(50.0, gt=0.0, le=100.0,
                               help="class_balanced: keep the top p% most confident pixels of each class")

@@ -10,7 +10,7 @@ import torch
 
 from sfdaseg.config import ConfigError, TrainSourceConfig, to_dict
 from sfdaseg.data.classes import ClassSpec
-from sfdaseg.data.stats import inverse_frequency_weights, scan_labels
+from sfdaseg.data.stats import inverse_frequency_weights, log_frequency_weights, scan_labels
 from sfdaseg.data.transforms import build_train_transform, collate
 from sfdaseg.engine.distributed import barrier, init_distributed
 from sfdaseg.engine.hooks import EvalHook
@@ -62,7 +62,7 @@ def run_train_source(cfg: TrainSourceConfig) -> Path:
     # leaves no folder behind that would block the corrected command.
     if dist_info.is_main:
         prepare_run_dir(run_dir, cfg=cfg, resume=cfg.train.resume, command="train-source")
-        if class_weight is not None and cfg.loss.class_weight == "auto":
+        if class_weight is not None and isinstance(cfg.loss.class_weight, str):
             atomic_write_text(run_dir / CLASS_WEIGHTS_FILE, json.dumps(
                 {"class_weight": class_weight.tolist(), "classes": list(classes.names)}, indent=1))
     barrier()
@@ -92,9 +92,10 @@ def _class_weights(cfg: TrainSourceConfig, classes: ClassSpec, run_dir: Path) ->
                               f"{d.train}), got {len(cw)}")
         return torch.tensor(cw, dtype=torch.float32)
     saved = run_dir / CLASS_WEIGHTS_FILE
-    if cw == "auto" and cfg.train.resume and saved.exists():  # the weights the run started with
+    derived = isinstance(cw, str)  # auto | log: from the label histogram
+    if derived and cfg.train.resume and saved.exists():  # the weights the run started with
         return torch.tensor(json.loads(saved.read_text())["class_weight"], dtype=torch.float32)
-    if not (d.check_labels or cw == "auto"):
+    if not (d.check_labels or derived):
         return None
     plain = dataset_from_spec(d.train, with_labels=True, on_error=d.on_error, synthetic=d.synthetic)
     scan = scan_labels(plain, num_classes=classes.num_classes, num_workers=d.num_workers)
@@ -104,9 +105,10 @@ def _class_weights(cfg: TrainSourceConfig, classes: ClassSpec, run_dir: Path) ->
     if scan.empty:
         logger.warning(f"{d.train}: {len(scan.empty)} of {scan.num_samples} masks hold only the ignore value (they "
                        f"train nothing): {', '.join(scan.empty[:5])}{' ...' if len(scan.empty) > 5 else ''}")
-    if cw != "auto":
+    if not derived:
         return None
-    weight = inverse_frequency_weights(scan.hist)
-    logger.info("loss.class_weight=auto (inverse class frequency, pixel-weighted mean 1): "
+    weight = inverse_frequency_weights(scan.hist) if cw == "auto" else log_frequency_weights(scan.hist)
+    rule = "inverse class frequency" if cw == "auto" else "ENet's 1 / ln(1.02 + f)"
+    logger.info(f"loss.class_weight={cw} ({rule}, pixel-weighted mean 1): "
                 + ", ".join(f"{n} {float(w):.3g}" for n, w in zip(classes.names, weight)))
     return weight
