@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import importlib.metadata
 import os
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from sfdaseg import __version__
 from sfdaseg.config import (AdaptConfig, BenchConfig, ConfigError, DemoConfig, DistillConfig, EvaluateConfig,
                             ExportConfig, PredictConfig, TrainSourceConfig, load_config, parse_override)
 from sfdaseg.config_base import describe_range, type_name
@@ -245,12 +247,8 @@ _NOTES = {
 
 def package_version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("sfdaseg")
-    except PackageNotFoundError:  # running from a checkout that was not installed
-        from sfdaseg import __version__
-
+        return importlib.metadata.version("sfdaseg")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was not installed
         return __version__
 
 

@@ -30,7 +30,7 @@ def test_bench_runs_every_row_resumes_and_ranks_signals(tmp_path, capsys, monkey
     assert set(data["results"]) == {"source-only", "oracle", "selftrain", "diga_sf", "selftrain lr 1e-4"}
     for name, r in data["results"].items():
         assert f"| {name} |" in table
-        assert 0.0 <= r["target_mean"] <= 100.0 and 0.0 <= r["extra_mean"]["synthetic:shift:val"] <= 100.0
+        assert 0.0 <= r["test_mean"] <= 100.0 and 0.0 <= r["val_mean"] <= 100.0 and 0.0 <= r["extra_mean"]["synthetic:shift:val"] <= 100.0
         assert len(r["runs"]) == (2 if name in ("selftrain", "diga_sf") else 1)
     assert data["results"]["selftrain"]["gap_closure"] is not None
     assert "sfdaseg bench --recipes selftrain,diga_sf" in table  # how to reproduce it
@@ -38,7 +38,7 @@ def test_bench_runs_every_row_resumes_and_ranks_signals(tmp_path, capsys, monkey
     points = data["signal_points"]
     assert len(points) == 2 + 2 + 1 and all([p["step"] for p in run] == [0, 1, 2] for run in points)
     assert set(data["signal_ranking"]) == {"entropy", "kept_frac", "hist_drift", "snd", "classes_present"}
-    assert "Label-free signals vs true target mIoU" in table
+    assert "Label-free signals vs true test mIoU" in table
 
     # A second call reuses every finished run (nothing is retrained) and gives the same table.
     stamp = (out / "selftrain" / "seed0" / "model.ckpt").stat().st_mtime_ns

@@ -168,8 +168,8 @@ def test_without_labels_and_transform():
 def test_bad_arguments_name_the_choices():
     with pytest.raises(ValueError, match="source.*target.*shift"):
         SyntheticDataset("night")
-    with pytest.raises(ValueError, match="train.*val"):
-        SyntheticDataset("source", "test")
+    with pytest.raises(ValueError, match="train.*val.*test"):
+        SyntheticDataset("source", "holdout")
     with pytest.raises(ValueError, match="size"):
         SyntheticDataset("source", size=(4, 4))
     with pytest.raises(ValueError, match=r"\(H, W\)"):
