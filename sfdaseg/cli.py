@@ -82,7 +82,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "demo", "build the built-in benchmark, train a source model and a target oracle, evaluate, write a report",
             """\
-            sfdaseg demo                      # the whole story on the built-in benchmark, a few minutes on a CPU
+            sfdaseg demo                      # the whole story on the built-in benchmark, 20-40 minutes on a 2-core CPU
             sfdaseg demo --out runs/demo2 --quick
             sfdaseg demo --device cuda iters=4000""",
             flags=(Flag(("--out",), "out", "run folder (default runs/demo)", metavar="DIR"),

@@ -407,7 +407,7 @@ class BenchConfig:
 
 @dataclass
 class DemoConfig:
-    """``sfdaseg demo``: the whole story on the built-in benchmark, on a CPU in minutes."""
+    """``sfdaseg demo``: the whole story on the built-in benchmark, on a CPU in tens of minutes."""
 
     out: str = "runs/demo"
     quick: bool = False  # a much shorter run, for a smoke test

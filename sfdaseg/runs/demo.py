@@ -1,4 +1,4 @@
-"""``sfdaseg demo``: the whole story on the built-in benchmark, on a laptop CPU in minutes.
+"""``sfdaseg demo``: the whole story on the built-in benchmark, on a CPU in tens of minutes (``--quick``: a short smoke run).
 
 Stages (each in its own sub-folder of ``out``; a finished stage is reused, an interrupted one resumed):
 
