@@ -228,18 +228,18 @@ def trained_source(tmp_path_factory):
 def _collapsing(tmp_path, source, name, *extra):
     # SGD at a huge LR on every pseudo-label: the predictions collapse within a few steps (a forced collapse).
     return load_config(AdaptConfig, overrides=[
-        "recipe=selftrain", f"checkpoint={source}", f"train.out={tmp_path / name}", "train.iters=8",
+        "recipe=selftrain", f"checkpoint={source}", f"train.out={tmp_path / name}", "train.iters=16",
         "data.synthetic={size: [32, 64], length: 16}", "data.crop=[32,64]", "data.batch_size=4",
         "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
         "optim.name=sgd", "optim.lr=1.0", "optim.head_lr_mult=1", "monitor.every=2", "monitor.images=8",
-        "method.classmix=false", "method.policy=none", "report=false", *extra])
+        "method.classmix=false", "method.style=none", "method.policy=none", "report=false", *extra])
 
 
 def test_the_guard_delivers_the_last_healthy_snapshot_of_a_collapsed_run(tmp_path, trained_source):
     path = run_adapt(_collapsing(tmp_path, trained_source, "rb"))
     guard = json.loads((tmp_path / "rb" / "metrics.json").read_text())["guard"]
-    assert guard["on_collapse"] == "rollback" and guard["alarms"] and guard["alarms"][-1]["step"] == 8
-    assert guard["rolled_back"] and 0 < guard["delivered_step"] == guard["healthy_step"] < 8
+    assert guard["on_collapse"] == "rollback" and guard["alarms"] and guard["alarms"][-1]["step"] == 16
+    assert guard["rolled_back"] and 0 < guard["delivered_step"] == guard["healthy_step"] < 16
     delivered, info = load_model(path)
     healthy, _ = load_model(tmp_path / "rb" / "guard" / "healthy.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(delivered.state_dict().values(), healthy.state_dict().values()))
@@ -247,12 +247,12 @@ def test_the_guard_delivers_the_last_healthy_snapshot_of_a_collapsed_run(tmp_pat
     # warn: the same collapse goes on and the collapsed final model is delivered, with the alarm on record.
     run_adapt(_collapsing(tmp_path, trained_source, "warn", "monitor.on_collapse=warn"))
     guard = json.loads((tmp_path / "warn" / "metrics.json").read_text())["guard"]
-    assert guard["alarms"] and not guard["rolled_back"] and guard["delivered_step"] == 8
+    assert guard["alarms"] and not guard["rolled_back"] and guard["delivered_step"] == 16
     # stop: the run ends at the first alarm.
     run_adapt(_collapsing(tmp_path, trained_source, "stop", "monitor.on_collapse=stop"))
     guard = json.loads((tmp_path / "stop" / "metrics.json").read_text())["guard"]
     first = guard["alarms"][0]["step"]
-    assert guard["stopped_at"] == first < 8 and guard["rolled_back"]
+    assert guard["stopped_at"] == first < 16 and guard["rolled_back"]
     steps = [json.loads(x)["step"] for x in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == first
 
