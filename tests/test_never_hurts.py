@@ -226,7 +226,8 @@ def trained_source(tmp_path_factory):
 
 
 def _collapsing(tmp_path, source, name, *extra):
-    # SGD at a huge LR on every pseudo-label: the predictions collapse within a few steps (a forced collapse).
+    # SGD at a huge LR on every pseudo-label (no style swap or ClassMix to slow it): the predictions collapse within
+    # a few steps (a forced collapse), and the alarm fires before the last of the 16.
     return load_config(AdaptConfig, overrides=[
         "recipe=selftrain", f"checkpoint={source}", f"train.out={tmp_path / name}", "train.iters=16",
         "data.synthetic={size: [32, 64], length: 16}", "data.crop=[32,64]", "data.batch_size=4",

@@ -82,7 +82,7 @@ def test_bn_statistics_loss_falls_when_the_generator_trains():
         losses.append(float(loss.detach()))
     # Adam at 1e-2 makes single steps noisy (a spike to 2x the start is common): compare the mean of the last ten
     # steps with the mean of the first three.
-    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:3]) / 3, losses
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:3]) / 3, losses
     with bns.capture() as terms:
         pass
     source(torch.rand(2, 3, 32, 64))
