@@ -218,6 +218,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "de
     return cfg
 
 
+def _field_default(f: Any) -> Any:
+    """The default instance of a dataclass-typed field (its factory's product), or ``None`` when it has none."""
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    if f.default is not MISSING and is_dataclass(f.default):
+        return f.default
+    return None
+
+
 def _build(cls: type[T], data: Mapping[str, Any] | None, *, source: str, prefix: str) -> T:
     data = dict(data or {})
     hints = _hints(cls)
@@ -239,6 +248,11 @@ def _build(cls: type[T], data: Mapping[str, Any] | None, *, source: str, prefix:
         if is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full}: expected a mapping (a section), got {value!r} in {source}")
+            # A partial section starts from the parent's own default for it, not from the section class's
+            # defaults: `optim.lr=1e-5` on an adapt config keeps adapt's head LR x1 and weight decay.
+            default = _field_default(f)
+            if default is not None:
+                value = merge(to_dict(default), value)
             kwargs[f.name] = _build(tp, value, source=source, prefix=f"{full}.")
         else:
             value = _coerce(value, tp, full, source)

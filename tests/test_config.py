@@ -110,3 +110,27 @@ def test_every_shipped_config_loads(path, tmp_path):
 
 def test_shipped_configs_exist():
     assert len(SHIPPED) >= 4
+
+
+def test_a_partial_section_keeps_the_commands_own_defaults(tmp_path):
+    """`optim.lr=...` on adapt must not reset the rest of `optim` to the section class's defaults.
+
+    AdaptConfig's own optim default (head LR x1, weight decay 0.01) and train.out differ from OptimConfig's and
+    TrainConfig's; before the fix one optim key on the command line silently switched the head to x10.
+    """
+    from sfdaseg.config import DistillConfig
+    from sfdaseg.config_base import from_dict
+
+    default = from_dict(AdaptConfig, {"recipe": "selftrain"}, validate=False)
+    partial = from_dict(AdaptConfig, {"recipe": "selftrain", "optim": {"lr": 1e-5}, "train": {"iters": 7}},
+                        validate=False)
+    assert partial.optim.lr == pytest.approx(1e-5) and partial.train.iters == 7
+    for key in ("head_lr_mult", "weight_decay", "name", "warmup_iters"):
+        assert getattr(partial.optim, key) == getattr(default.optim, key), key
+    assert default.optim.head_lr_mult == 1.0 and partial.train.out == default.train.out == "runs/adapt"
+    f = tmp_path / "a.yaml"
+    f.write_text("optim:\n  name: sgd\n")
+    from_file = from_dict(DistillConfig, yaml.safe_load(f.read_text()), validate=False)
+    assert from_file.optim.name == "sgd"
+    assert from_file.optim.lr == pytest.approx(from_dict(DistillConfig, {}, validate=False).optim.lr)
+    assert from_file.train.out == "runs/distill"

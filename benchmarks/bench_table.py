@@ -1,0 +1,99 @@
+"""Markdown table of a finished ``sfdaseg bench`` folder, with every seed's test mIoU and the guard's decisions.
+
+``sfdaseg bench`` prints means; a report that claims "never below source-only" also needs each run, so this
+reads ``OUT/results.json`` (written by the bench, atomically, after every run) and prints one row per recipe or
+variant: seeds, test mean +- std (sample std over seeds), the per-seed values, gap closure
+``(mean - source) / (oracle - source)``, runs below source-only, runs the collapse guard rolled back (with the
+step it delivered), and the val mean (the split settings are chosen on)::
+
+    python benchmarks/bench_table.py runs/final/real            # prints the table
+    python benchmarks/bench_table.py runs/final/real --json      # the same numbers as JSON
+
+No label is read here: the scores are the bench's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def rows(results: dict) -> tuple[float, float, list[dict]]:
+    """Per-recipe rows of ``results.json['results']``; returns (source test mIoU, oracle test mIoU, rows)."""
+    src = results["source-only"]["test_mean"]
+    orc = results.get("oracle", {}).get("test_mean", math.nan)
+    out = []
+    for name, r in results.items():
+        if name in ("source-only", "oracle"):
+            continue
+        tests = [run["test"] for run in r["runs"]]
+        vals = [run["val"] for run in r["runs"] if run.get("val") is not None]
+        mean, std = _mean_std(tests)
+        guards = r.get("guard", [])
+        out.append({
+            "name": name, "seeds": r.get("seeds", []), "test": tests, "test_mean": mean, "test_std": std,
+            "val_mean": _mean_std(vals)[0],
+            "closure": (mean - src) / (orc - src) if orc == orc and orc != src else math.nan,
+            "below": sum(t < src for t in tests),
+            "rolled_back": [g.get("delivered_step") for g in guards if g.get("rolled_back")],
+            "runs": len(tests),
+        })
+    return src, orc, out
+
+
+def markdown(results: dict) -> str:
+    src, orc, table = rows(results)
+    vs = results["source-only"].get("val_mean", math.nan)
+    vo = results.get("oracle", {}).get("val_mean", math.nan)
+    lines = [
+        "| model | seeds | test mIoU, mean +- std | per seed | gap closure | runs below source-only "
+        "| guard rolled back (delivered step) | val mIoU (for choosing) |",
+        "|---|---:|---:|---|---:|---:|---|---:|",
+        f"| source-only | - | {src:.1f} | | - | - | - | {vs:.1f} |",
+        f"| target oracle | - | {orc:.1f} | | - | - | - | {vo:.1f} |",
+    ]
+    for r in table:
+        rb = f"{len(r['rolled_back'])}/{r['runs']}"
+        if r["rolled_back"]:
+            rb += " (step " + ", ".join(str(s) for s in r["rolled_back"]) + ")"
+        lines.append(
+            f"| `{r['name']}` | {r['runs']} | {r['test_mean']:.1f} +- {r['test_std']:.1f} | "
+            f"{' / '.join(f'{t:.1f}' for t in r['test'])} | {100 * r['closure']:.0f}% | {r['below']}/{r['runs']} "
+            f"| {rb} | {r['val_mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="the --out folder of a finished `sfdaseg bench`")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    a = ap.parse_args(argv)
+    path = Path(a.out) / "results.json"
+    try:
+        data = json.loads(path.read_text())
+        results = data["results"]
+        results["source-only"]["test_mean"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: {path}: expected the results.json of a finished `sfdaseg bench` ({e})", file=sys.stderr)
+        return 2
+    if a.json:
+        src, orc, table = rows(results)
+        print(json.dumps({"source": src, "oracle": orc, "rows": table}, indent=1))
+    else:
+        print(f"`{data.get('command', '')}`\n")
+        print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
