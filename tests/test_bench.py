@@ -73,3 +73,34 @@ def test_unknown_recipe_is_refused(capsys):
 
 def test_slug_is_a_plain_folder_name():
     assert slug("selftrain, class-balanced 50% (x=1)") == "selftrain__class-balanced_50pct_x-1"
+
+
+def test_cached_scores_are_reused_only_for_the_same_split_and_checkpoint(tmp_path):
+    """A tuning bench scores target:val under the name "test"; a later bench on target:test must not reuse it."""
+    import torch
+
+    from sfdaseg.data.classes import CITYSCAPES19
+    from sfdaseg.models import build_model, save_model
+    from sfdaseg.runs.bench import Scorer
+
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "m.ckpt", build_model("tiny", num_classes=19, width=8), classes=CITYSCAPES19)
+    common = ["val=null", "val_extra=[]", "val_length=4", "synthetic={size: [32, 64]}"]
+
+    def scorer(test):
+        return Scorer(load_config(BenchConfig, overrides=[f"test={test}", *common]), torch.device("cpu"))
+
+    on_val = scorer("synthetic:target:val")(ckpt)["test"]
+    on_test = scorer("synthetic:target:test")(ckpt)["test"]
+    (tmp_path / "m.scores.json").unlink()
+    fresh = scorer("synthetic:target:test")(ckpt)["test"]
+    assert on_test == pytest.approx(fresh) and on_val != pytest.approx(fresh)
+    # Same split, same checkpoint: read from the cache (a changed score on disk proves it was read).
+    data = json.loads((tmp_path / "m.scores.json").read_text())
+    data["test"] = -1.0
+    (tmp_path / "m.scores.json").write_text(json.dumps(data))
+    assert scorer("synthetic:target:test")(ckpt)["test"] == -1.0
+    # A replaced checkpoint is scored again.
+    torch.manual_seed(1)
+    save_model(ckpt, build_model("tiny", num_classes=19, width=8), classes=CITYSCAPES19)
+    assert scorer("synthetic:target:test")(ckpt)["test"] >= 0.0

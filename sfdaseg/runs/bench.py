@@ -144,7 +144,13 @@ def _guard(run_dir: Path) -> dict[str, Any]:
 
 
 class Scorer:
-    """Scores checkpoints on the labelled splits (``test``, ``val``, held-out domains), cached beside each one."""
+    """Scores checkpoints on the labelled splits (``test``, ``val``, held-out domains), cached beside each one.
+
+    The cache (``<checkpoint>.scores.json``) records what each score was measured on (the split's dataset
+    spec, the generator options, the checkpoint's size and mtime) and a score is reused only when all of
+    them match: one source checkpoint serves several benches whose "test" may be different splits (a tuning
+    bench scores on ``target:val`` under that name), and a rerun may replace a checkpoint in place.
+    """
 
     def __init__(self, cfg: BenchConfig, device) -> None:
         synthetic = {**cfg.synthetic, "length": cfg.val_length} if cfg.synthetic else {}
@@ -152,18 +158,33 @@ class Scorer:
         splits = [("test", cfg.test)] + ([("val", cfg.val)] if cfg.val else []) + [(v, v) for v in cfg.val_extra]
         self.loaders = {name: eval_loader(spec, resize=None, batch_size=16, num_workers=0, synthetic=synthetic)
                         for name, spec in splits}
+        opts = json.dumps(synthetic, sort_keys=True) if any(_is_synthetic(spec) for _, spec in splits) else ""
+        self.keys = {name: f"{spec} {opts}".strip() for name, spec in splits}
 
     def __call__(self, ckpt: Path, *, splits: list[str] | None = None) -> dict[str, float]:
         cache = ckpt.with_suffix(".scores.json")
-        scores = json.loads(cache.read_text()) if cache.exists() else {}
-        todo = [s for s in (splits or list(self.loaders)) if s not in scores]
+        try:
+            stored = json.loads(cache.read_text()) if cache.exists() else {}
+        except ValueError:  # a torn or foreign file: score again
+            stored = {}
+        st = ckpt.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        # Entries of another format (no "_keys") or of another split, generator or checkpoint are stale.
+        keys = stored.get("_keys", {}) if isinstance(stored.get("_keys"), dict) else {}
+        wanted = splits or list(self.loaders)
+        scores = {n: stored[n] for n in wanted if n in stored and keys.get(n) == f"{self.keys[n]} @{stamp}"}
+        todo = [n for n in wanted if n not in scores]
         if todo:
             model = load_model(ckpt)[0].to(self.device)
             for split in todo:
                 scores[split] = evaluate_model(model, self.loaders[split], device=self.device,
                                                eval_cfg=EvalConfig()).to_dict()["miou"]
-            cache.write_text(json.dumps(scores))
-        return scores
+            merged = {k: v for k, v in stored.items() if k != "_keys" and k in keys}
+            merged.update(scores)
+            keys = {k: v for k, v in keys.items() if k in merged}
+            keys.update({n: f"{self.keys[n]} @{stamp}" for n in todo})
+            atomic_write_text(cache, json.dumps({**merged, "_keys": keys}))
+        return {n: scores[n] for n in wanted}
 
 
 def _signal_points(run_dir: Path, scorer: Scorer, source_score: float) -> list[dict[str, Any]]:
