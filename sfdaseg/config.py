@@ -463,6 +463,9 @@ class MonitorConfig:
     on_collapse: str = choices("rollback", "stop", "warn", default="rollback",
                                help="on a collapse alarm: deliver the last healthy snapshot if the final model is "
                                     "flagged (rollback), stop and deliver it (stop), or only warn")
+    rollback_to: str = choices("last_healthy", "source", default="last_healthy",
+                               help="what a rollback or stop delivers: the last snapshot without an alarm, or the "
+                                    "source model itself (step 0; the conservative choice)")
     images: int = 32  # a fixed sample of target images (the first ones of the target set, un-augmented)
     batch_size: int = 8
     tau: float = 0.968  # confidence threshold behind kept_frac

@@ -249,6 +249,13 @@ def test_the_guard_delivers_the_last_healthy_snapshot_of_a_collapsed_run(tmp_pat
     run_adapt(_collapsing(tmp_path, trained_source, "warn", "monitor.on_collapse=warn"))
     guard = json.loads((tmp_path / "warn" / "metrics.json").read_text())["guard"]
     assert guard["alarms"] and not guard["rolled_back"] and guard["delivered_step"] == 16
+    # rollback_to=source: the same collapse delivers the source model itself (step 0), weight for weight.
+    path = run_adapt(_collapsing(tmp_path, trained_source, "src", "monitor.rollback_to=source"))
+    guard = json.loads((tmp_path / "src" / "metrics.json").read_text())["guard"]
+    assert guard["rolled_back"] and guard["delivered_step"] == guard["healthy_step"] == 0
+    assert guard["rollback_to"] == "source" and guard["alarms"][-1]["step"] == 16
+    delivered, source = load_model(path)[0].state_dict(), load_model(trained_source)[0].state_dict()
+    assert delivered.keys() == source.keys() and all(torch.equal(delivered[k], source[k]) for k in source)
     # stop: the run ends at the first alarm.
     run_adapt(_collapsing(tmp_path, trained_source, "stop", "monitor.on_collapse=stop"))
     guard = json.loads((tmp_path / "stop" / "metrics.json").read_text())["guard"]

@@ -145,6 +145,7 @@ class EvalHook(HookBase):
 
 
 GUARD_POLICIES = ("rollback", "stop", "warn")
+ROLLBACK_TARGETS = ("last_healthy", "source")
 
 
 class MonitorHook(HookBase):
@@ -159,18 +160,25 @@ class MonitorHook(HookBase):
     - ``"rollback"``: the run goes on; when the final measurement raises an alarm, the last healthy snapshot is
       delivered instead of the final model (the log, ``RUN/guard/state.json`` and the report say so).
 
+    ``rollback_to="source"`` keeps only the first snapshot (step 0 of a source-free run: the source model), so a
+    rollback or a stop delivers the source model itself: the snapshots just before a collapse alarm are often
+    already worse than the source model (measured: the README's learning-rate table).
+
     The guard's state (``RUN/guard/state.json``) survives a resume. Under DDP rank 0 measures (``monitor`` may be
     None on the other ranks) and decides, and every rank follows.
     """
 
     def __init__(self, monitor: Callable[[nn.Module, int], dict] | None, *, every: int = 0, on_collapse: str = "warn",
-                 save: Callable[[Path, nn.Module], None] | None = None,
+                 rollback_to: str = "last_healthy", save: Callable[[Path, nn.Module], None] | None = None,
                  load: Callable[[Path], nn.Module] | None = None) -> None:
         if on_collapse not in GUARD_POLICIES:
             raise ValueError(f"MonitorHook: on_collapse must be one of {GUARD_POLICIES}, got {on_collapse!r}")
-        self.monitor, self.every, self.on_collapse = monitor, every, on_collapse
+        if rollback_to not in ROLLBACK_TARGETS:
+            raise ValueError(f"MonitorHook: rollback_to must be one of {ROLLBACK_TARGETS}, got {rollback_to!r}")
+        self.monitor, self.every, self.on_collapse, self.rollback_to = monitor, every, on_collapse, rollback_to
         self.save, self.load = save, load
-        self.state: dict[str, Any] = {"on_collapse": on_collapse, "healthy_step": None, "alarms": [],
+        self.state: dict[str, Any] = {"on_collapse": on_collapse, "rollback_to": rollback_to, "healthy_step": None,
+                                      "alarms": [],
                                       "measured": [], "delivered_step": None, "rolled_back": False,
                                       "stopped_at": None}
 
@@ -199,7 +207,8 @@ class MonitorHook(HookBase):
                                     "is delivered"}[self.on_collapse]
                 logger.warning(f"collapse guard (monitor.on_collapse={self.on_collapse}): alarm at step "
                                f"{trainer.step}; {then} (last healthy: step {self.state['healthy_step']})")
-            elif self.save is not None and self.on_collapse != "warn":
+            elif self.save is not None and self.on_collapse != "warn" and (
+                    self.rollback_to == "last_healthy" or self.state["healthy_step"] is None):
                 self.save(self._paths(trainer)[0], model)
                 self.state["healthy_step"] = trainer.step
             self._write_state(trainer)
@@ -236,8 +245,9 @@ class MonitorHook(HookBase):
             barrier()  # rank 0 wrote the snapshot; every rank delivers (and evaluates) the same model
             trainer.delivered = self.load(self._paths(trainer)[0]).to(trainer.device)
             self.state.update(delivered_step=healthy, rolled_back=True)
+            what = "the source model (rollback_to=source)" if self.rollback_to == "source" else "last healthy snapshot"
             logger.warning(f"collapse guard: the final model (step {trainer.step}) raised an alarm; delivering the "
-                           f"last healthy snapshot instead, from step {healthy} ({self._paths(trainer)[0]})")
+                           f"{what} instead, from step {healthy} ({self._paths(trainer)[0]})")
         else:
             self.state.update(delivered_step=trainer.step, rolled_back=False)
             if final_alarm:

@@ -127,6 +127,7 @@ def run_adapt(cfg: AdaptConfig) -> Path:
         monitor = _build_monitor(cfg, model, classes, device, run_dir, config=config, meta=meta) \
             if dist_info.is_main else None
         guard = MonitorHook(monitor, every=every, on_collapse=cfg.monitor.on_collapse,
+                            rollback_to=cfg.monitor.rollback_to,
                             save=lambda path, m: save_model(path, m, classes=classes, config=config, meta=meta),
                             load=lambda path: load_model(path)[0])
         hooks.append(guard)
