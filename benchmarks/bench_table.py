@@ -28,6 +28,10 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _f(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.1f}"
+
+
 def rows(results: dict) -> tuple[float, float, list[dict]]:
     """Per-recipe rows of ``results.json['results']``; returns (source test mIoU, oracle test mIoU, rows)."""
     src = results["source-only"]["test_mean"]
@@ -59,17 +63,18 @@ def markdown(results: dict) -> str:
         "| model | seeds | test mIoU, mean +- std | per seed | gap closure | runs below source-only "
         "| guard rolled back (delivered step) | val mIoU (for choosing) |",
         "|---|---:|---:|---|---:|---:|---|---:|",
-        f"| source-only | - | {src:.1f} | | - | - | - | {vs:.1f} |",
-        f"| target oracle | - | {orc:.1f} | | - | - | - | {vo:.1f} |",
+        f"| source-only | - | {src:.1f} | | - | - | - | {_f(vs)} |",
+        f"| target oracle | - | {_f(orc)} | | - | - | - | {_f(vo)} |",
     ]
     for r in table:
         rb = f"{len(r['rolled_back'])}/{r['runs']}"
+        closure = "-" if r["closure"] != r["closure"] else f"{100 * r['closure']:.0f}%"
         if r["rolled_back"]:
             rb += " (step " + ", ".join(str(s) for s in r["rolled_back"]) + ")"
         lines.append(
             f"| `{r['name']}` | {r['runs']} | {r['test_mean']:.1f} +- {r['test_std']:.1f} | "
-            f"{' / '.join(f'{t:.1f}' for t in r['test'])} | {100 * r['closure']:.0f}% | {r['below']}/{r['runs']} "
-            f"| {rb} | {r['val_mean']:.1f} |")
+            f"{' / '.join(f'{t:.1f}' for t in r['test'])} | {closure} | {r['below']}/{r['runs']} "
+            f"| {rb} | {_f(r['val_mean'])} |")
     return "\n".join(lines)
 
 
