@@ -178,8 +178,7 @@ class MonitorHook(HookBase):
         self.monitor, self.every, self.on_collapse, self.rollback_to = monitor, every, on_collapse, rollback_to
         self.save, self.load = save, load
         self.state: dict[str, Any] = {"on_collapse": on_collapse, "rollback_to": rollback_to, "healthy_step": None,
-                                      "alarms": [],
-                                      "measured": [], "delivered_step": None, "rolled_back": False,
+                                      "alarms": [], "measured": [], "delivered_step": None, "rolled_back": False,
                                       "stopped_at": None}
 
     def _paths(self, trainer: "Trainer") -> tuple[Path, Path]:

@@ -168,22 +168,21 @@ class Scorer:
         except ValueError:  # a torn or foreign file: score again
             stored = {}
         st = ckpt.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        # Entries of another format (no "_keys") or of another split, generator or checkpoint are stale.
-        keys = stored.get("_keys", {}) if isinstance(stored.get("_keys"), dict) else {}
         wanted = splits or list(self.loaders)
-        scores = {n: stored[n] for n in wanted if n in stored and keys.get(n) == f"{self.keys[n]} @{stamp}"}
+        key = {n: f"{self.keys[n]} @{st.st_size}:{st.st_mtime_ns}" for n in wanted}
+        # Entries of another format (no "_keys") or of another split, generator or checkpoint are stale.
+        keys = stored.get("_keys") if isinstance(stored.get("_keys"), dict) else {}
+        scores = {n: stored[n] for n in wanted if n in stored and keys.get(n) == key[n]}
         todo = [n for n in wanted if n not in scores]
         if todo:
             model = load_model(ckpt)[0].to(self.device)
             for split in todo:
                 scores[split] = evaluate_model(model, self.loaders[split], device=self.device,
                                                eval_cfg=EvalConfig()).to_dict()["miou"]
-            merged = {k: v for k, v in stored.items() if k != "_keys" and k in keys}
-            merged.update(scores)
-            keys = {k: v for k, v in keys.items() if k in merged}
-            keys.update({n: f"{self.keys[n]} @{stamp}" for n in todo})
-            atomic_write_text(cache, json.dumps({**merged, "_keys": keys}))
+            # Valid entries of other splits stay; the new ones replace their stale namesakes.
+            kept = {k: stored[k] for k in keys if k in stored and k not in todo}
+            keys = {**{k: keys[k] for k in kept}, **{n: key[n] for n in todo}}
+            atomic_write_text(cache, json.dumps({**kept, **scores, "_keys": keys}))
         return {n: scores[n] for n in wanted}
 
 
