@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import importlib.metadata
 import os
+import shlex
 import sys
 import textwrap
 import typing
@@ -67,8 +68,13 @@ def _run_adapt(cfg):
 _ARGV: list[str] = []  # the command line being run, for reports that print how to reproduce them
 
 
+def command_line(argv: list[str]) -> str:
+    """The shell command that reruns ``sfdaseg ARGV``, quoted so that a pasted copy parses to the same arguments."""
+    return shlex.join(["sfdaseg", *argv])
+
+
 def _run_bench(cfg):
-    run_bench(cfg, command="sfdaseg " + " ".join(_ARGV))
+    run_bench(cfg, command=command_line(_ARGV))
 
 
 def _no_result(run: Callable[[Any], Any]) -> Callable[[Any], None]:

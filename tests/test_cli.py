@@ -130,3 +130,18 @@ def test_adapt_help_names_every_recipe():
 
     flag = next(f for f in COMMANDS["adapt"].flags if f.key == "recipe")
     assert all(name in flag.help for name in RECIPES)
+
+
+def test_the_printed_bench_command_reruns_with_the_same_arguments():
+    # A bench prints the command that reproduces it; flow lists with spaces must survive a paste into a shell.
+    import shlex
+
+    from sfdaseg.cli import command_line
+    from sfdaseg.config import parse_override
+
+    argv = ["bench", "recipes=[selftrain, stvm]", "overrides=[data.batch_size=8, 'data.crop=[128,128]']",
+            "--out", "runs/b"]
+    line = command_line(argv)
+    assert shlex.split(line) == ["sfdaseg", *argv]
+    assert parse_override(shlex.split(line)[2]) == ("recipes", ["selftrain", "stvm"])
+    assert parse_override(shlex.split(line)[3])[1] == ["data.batch_size=8", "data.crop=[128,128]"]
