@@ -13,7 +13,8 @@ delivered, and the widest auxiliary model is DUDA's large network:
 - DUDA: its large EMA teacher and its small student (deployed width, started from the small source model, the
   fair setting), ``configs/adapt/duda_synthetic.yaml``.
 
-Every adaptation runs for each seed (``--seeds``). Columns: parameters, GFLOPs at the evaluation size 128x256
+Every adaptation runs for each seed (``--seeds``); ``--methods unisfda`` leaves DUDA out (its gain kept is also
+measured on the bench runs by ``benchmarks/duda_gain_kept.py``). Columns: parameters, GFLOPs at the evaluation size 128x256
 (``torch.utils.flop_counter``, multiply-add = 2), median latency at batch 1 on ``--device``, mIoU on the target
 **test** split (the headline), target val and the held-out shift domain (mean +- std over seeds). Then the
 payoff checks of issue 17:
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -63,6 +65,7 @@ SOURCE = ROOT / "configs/source/synthetic_tiny.yaml"
 SIZE = (128, 256)  # the synthetic benchmark's image size: evaluation runs at it
 SPLITS = {"test": "synthetic:target:test", "val": "synthetic:target:val", "shift": "synthetic:shift:val"}
 GOAL_KEEP = 0.9
+NAMES = {"unisfda": "UniSFDA", "duda": "DUDA"}
 
 
 def train_source(out: Path, width: int, device: str, iters: int | None) -> Path:
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/efficiency")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--methods", nargs="+", choices=["unisfda", "duda"], default=["unisfda", "duda"],
+                    help="which pipelines run and are reported")
     ap.add_argument("--aux-widths", type=int, nargs="+", default=[32, 16], help="UniSFDA's auxiliary models")
     ap.add_argument("--deployed-width", type=int, default=16, help="the efficient model both methods deliver")
     ap.add_argument("--source", type=_source_arg, action="append", default=[], metavar="W=PATH",
@@ -188,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--source {w}={path}: no such file")
     widths = sorted(set(aux) | {deployed}, reverse=True)
     srcs = {w: Path(given[w]) if w in given else train_source(out, w, args.device, args.source_iters) for w in widths}
-    runs = {s: (unisfda(out, s, srcs, aux, deployed, args.device, args.override),
-                duda(out, s, srcs, large, deployed, args.device, args.override)) for s in args.seeds}
+    with_uni, with_duda = "unisfda" in args.methods, "duda" in args.methods
+    runs = {s: (unisfda(out, s, srcs, aux, deployed, args.device, args.override) if with_uni else None,
+                duda(out, s, srcs, large, deployed, args.device, args.override) if with_duda else None)
+            for s in args.seeds}
 
     # ---- scoring (labels are read from here on only)
     device = torch.device(args.device)
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in widths:
         add(f"source, width {w}", f"tiny w{w}", srcs[w].with_suffix(".eff_scores.json"), ckpt_loader(srcs[w]), f"w{w}")
     for s, (uni, du) in runs.items():
+        if uni is None:
+            continue
         for w in aux:
             p = uni / f"stage1_tiny_w{w}" / "model.ckpt"
             add(f"UniSFDA stage 1, width {w}", f"tiny w{w}", p.with_suffix(".eff_scores.json"), ckpt_loader(p), f"w{w}")
@@ -216,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         p = uni / "stage2" / "model.ckpt"
         add(f"UniSFDA final (stage 2), width {deployed}", f"tiny w{deployed}", p.with_suffix(".eff_scores.json"),
             ckpt_loader(p), f"w{deployed}")
+    for s, (uni, du) in runs.items():
+        if du is None:
+            continue
         p = du / "large_teacher.ckpt"
         add(f"DUDA large teacher, width {large}", f"tiny w{large}", p.with_suffix(".eff_scores.json"), ckpt_loader(p),
             f"w{large}")
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- cost: one measurement per architecture (weights do not change it)
     first = runs[args.seeds[0]][0]
     builders = {f"w{w}": ckpt_loader(srcs[w]) for w in widths}
-    builders["ensemble"] = lambda: ensemble(first, aux, ens_cfg.mc_passes, ens_cfg.measure, ens_cfg.weighting)
+    if with_uni:
+        builders["ensemble"] = lambda: ensemble(first, aux, ens_cfg.mc_passes, ens_cfg.measure, ens_cfg.weighting)
     costs = {k: model_cost(b().to(device), size=SIZE, device=device, warmup=5, repeats=args.repeats)
              for k, b in builders.items()}
 
@@ -234,19 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(runs)
     small_src = rows[f"source, width {deployed}"]["test"][0]
     large_src = rows[f"source, width {large}"]["test"][0]
-    student = rows[f"DUDA small student, width {deployed}"]["test"]
-    teacher = rows[f"DUDA large teacher, width {large}"]["test"]
-    keep = [_ratio(st - small_src, te - small_src) for st, te in zip(student, teacher)]
-    final = rows[f"UniSFDA final (stage 2), width {deployed}"]["test"]
-    stage1 = {w: rows[f"UniSFDA stage 1, width {w}"]["test"] for w in aux}
-    ens = rows["UniSFDA ensemble (stage 1 fused)"]["test"]
-    uni_keep = [_ratio(f - small_src, e - small_src) for f, e in zip(final, ens)]
+    keep, uni_keep, stage1, final = [], [], {}, []
+    if with_duda:
+        student = rows[f"DUDA small student, width {deployed}"]["test"]
+        teacher = rows[f"DUDA large teacher, width {large}"]["test"]
+        keep = [_ratio(st - small_src, te - small_src) for st, te in zip(student, teacher)]
+    if with_uni:
+        final = rows[f"UniSFDA final (stage 2), width {deployed}"]["test"]
+        stage1 = {w: rows[f"UniSFDA stage 1, width {w}"]["test"] for w in aux}
+        ens = rows["UniSFDA ensemble (stage 1 fused)"]["test"]
+        uni_keep = [_ratio(f - small_src, e - small_src) for f, e in zip(final, ens)]
 
     # ---- report
-    cmd = "python benchmarks/efficiency_synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/efficiency_synthetic.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     dev, threads = costs[f"w{deployed}"]["device"], costs[f"w{deployed}"]["threads"]
     lines = [
-        "# Efficiency on the built-in benchmark (UniSFDA and DUDA)", "",
+        f"# Efficiency on the built-in benchmark ({' and '.join(NAMES[m] for m in args.methods)})", "",
         f"Command: `{cmd}`", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
         f"latency on {dev}, {threads} threads, batch 1, median of {args.repeats} after 5 warm-up passes. "
@@ -261,23 +277,29 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {r['kind']} | {c['params'] / 1e3:.0f}k | {c['gflops']:.3f} | "
                      f"{c['latency_ms']:.2f} | {mean_std(r['test'])} | {mean_std(r['val'])} | {mean_std(r['shift'])} |")
     seed_cols = " | ".join(f"seed {s}" for s in seeds)
-    lines += [
-        "", f"## DUDA: does the small student keep its teacher's gain? (goal >= {GOAL_KEEP:.0%}; test split)", "",
-        f"Small source (width {deployed}) {small_src:.1f}, large source (width {large}) {large_src:.1f}.", "",
-        f"| | {seed_cols} |", "|---|" + "---:|" * len(seeds),
-        "| (student - small source) / (teacher - small source) | " + " | ".join(_pct(k) for k in keep) + " |",
-        "| student gain over the small source (points) | " + " | ".join(f"{x - small_src:+.1f}" for x in student) + " |",
-        "| teacher gain over the large source (points) | " + " | ".join(f"{x - large_src:+.1f}" for x in teacher) + " |",
-        "", "## UniSFDA: does the final model beat every stage-1 model it was distilled from? (test split)", "",
-        f"| | {seed_cols} | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
-    for w, xs in stage1.items():
-        d = [f - x for f, x in zip(final, xs)]
-        lines.append(f"| final - stage 1 width {w} (points) | " + " | ".join(f"{x:+.1f}" for x in d)
-                     + f" | {statistics.mean(d):+.1f} |")
-    lines.append("| (final - small source) / (ensemble - small source) | " + " | ".join(_pct(k) for k in uni_keep)
-                 + " | |")
+    if with_duda:
+        lines += [
+            "", f"## DUDA: does the small student keep its teacher's gain? (goal >= {GOAL_KEEP:.0%}; test split)", "",
+            f"Small source (width {deployed}) {small_src:.1f}, large source (width {large}) {large_src:.1f}.", "",
+            f"| | {seed_cols} |", "|---|" + "---:|" * len(seeds),
+            "| (student - small source) / (teacher - small source) | " + " | ".join(_pct(k) for k in keep) + " |",
+            "| student gain over the small source (points) | "
+            + " | ".join(f"{x - small_src:+.1f}" for x in student) + " |",
+            "| teacher gain over the large source (points) | "
+            + " | ".join(f"{x - large_src:+.1f}" for x in teacher) + " |"]
+    if with_uni:
+        lines += [
+            "", "## UniSFDA: does the final model beat every stage-1 model it was distilled from? (test split)", "",
+            f"| | {seed_cols} | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
+        for w, xs in stage1.items():
+            d = [f - x for f, x in zip(final, xs)]
+            lines.append(f"| final - stage 1 width {w} (points) | " + " | ".join(f"{x:+.1f}" for x in d)
+                         + f" | {statistics.mean(d):+.1f} |")
+        lines.append("| (final - small source) / (ensemble - small source) | "
+                     + " | ".join(_pct(k) for k in uni_keep) + " | |")
     times = {f"seed{s}/{k}": json.loads((r / "bench_time.json").read_text())["wall_s"]
-             for s, pair in runs.items() for k, r in zip(("unisfda", "duda"), pair) if (r / "bench_time.json").exists()}
+             for s, pair in runs.items() for k, r in zip(("unisfda", "duda"), pair)
+             if r is not None and (r / "bench_time.json").exists()}
     if times:
         lines += ["", "Wall time of each run (s, this machine): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
     text = "\n".join(lines) + "\n"

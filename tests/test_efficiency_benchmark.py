@@ -30,3 +30,10 @@ def test_efficiency_benchmark_runs_end_to_end_and_resumes(tmp_path, monkeypatch)
     assert eff.main(args) == 0  # a rerun reuses every finished run and only scores
     assert (tmp_path / "eff" / "seed0" / "duda" / "model.ckpt").stat().st_mtime_ns == before
     assert "UniSFDA: does the final model beat" in (tmp_path / "eff" / "results.md").read_text()
+    # UniSFDA alone (DUDA's gain kept is measured on the bench runs too): no DUDA row, no DUDA payoff.
+    assert eff.main([*args, "--methods", "unisfda"]) == 0
+    res = json.loads((tmp_path / "eff" / "results.json").read_text())
+    assert not any(n.startswith("DUDA") for n in res["rows"]) and res["duda_keep"] == []
+    table = (tmp_path / "eff" / "results.md").read_text()
+    assert "## DUDA" not in table and "UniSFDA: does the final model beat" in table
+    assert "--methods unisfda" in table  # the command that reproduces it
