@@ -10,8 +10,10 @@ Per step, on a batch of unlabelled target crops ``x`` (the weak view):
 
 1. the teacher(s) label ``x``: the EMA teacher's softmax, averaged with that of every extra adapted checkpoint
    in ``method.teachers`` (multiple teachers, published; equal weights are ours); a selection policy gives one-hot
-   pseudo-labels and pixel weights (selftrain's policies, default the DAFormer confidence-ratio weight);
-2. the same strong view as ``selftrain``: batched photometric augmentation, then target-to-target ClassMix; the
+   pseudo-labels and pixel weights (selftrain's policies and, like selftrain, default class-balanced: ours;
+   DUDA follows DAFormer's confidence-ratio weight, ``method.policy=ratio``);
+2. the same strong view as ``selftrain`` (by default its Fourier style swap of every image too: ours), batched
+   photometric augmentation, then target-to-target ClassMix; the
    teacher probabilities at temperature ``T`` are mixed with the same mask;
 3. both students learn from the one-hot pseudo-labels (weighted CE) on the mixed view;
 4. the small student also gets **gradual large-to-small distillation**: ``T^2 * KL(p_teacher,T || small_T)``
@@ -67,6 +69,7 @@ from sfdaseg.models.ema import EMATeacher
 from sfdaseg.pseudo_labels import POLICIES, pseudo_label_stats, select_pseudo_labels
 from sfdaseg.regularizers import CollapseConfig, SourceRegularizer
 from sfdaseg.strong_view import StrongView, StrongViewConfig
+from sfdaseg.style import STYLE_KINDS
 from sfdaseg.task import StepOutput
 
 logger = logging.getLogger(__name__)
@@ -82,7 +85,13 @@ class DUDAConfig(CollapseConfig, StrongViewConfig, RecipeConfig):
     teachers: list[str] = param(default_factory=list, origin="published",
                                 help="extra adapted checkpoints averaged with the EMA teacher")
     ema_momentum: float = param(0.999, ge=0.0, lt=1.0, origin="published", help="EMA teacher momentum")
-    policy: str = choices(*POLICIES, default="ratio", origin="published", help="pseudo-label selection / weighting")
+    # selftrain's selection and style swap, not DAFormer's ratio weight without style (DUDA's): chosen on the val
+    # splits of both benchmarks with a small source model (benchmarks/results/tuning_val.md, round 5).
+    style: str = choices(*STYLE_KINDS, default="fourier", origin="ours",
+                         help="intra-domain style swap of the student's view")
+    style_p: float = param(1.0, ge=0.0, le=1.0, origin="ours", help="probability that an image is re-styled")
+    policy: str = choices(*POLICIES, default="class_balanced", origin="ours",
+                          help="pseudo-label selection / weighting (ratio: DAFormer's, as DUDA)")
     tau: float = param(0.968, ge=0.0, le=1.0, origin="published", help="confidence threshold (DAFormer)")
     percentile: float = param(50.0, gt=0.0, le=100.0,
                               help="class_balanced: keep the top p% most confident pixels of each class")
