@@ -13,8 +13,8 @@ Per step, on a batch of unlabelled target crops ``x`` (the weak view):
    pseudo-labels and pixel weights (selftrain's policies and, like selftrain, default class-balanced: ours;
    DUDA follows DAFormer's confidence-ratio weight, ``method.policy=ratio``);
 2. the same strong view as ``selftrain`` (by default its Fourier style swap of every image too: ours), batched
-   photometric augmentation, then target-to-target ClassMix; the
-   teacher probabilities at temperature ``T`` are mixed with the same mask;
+   photometric augmentation, then target-to-target ClassMix; the teacher probabilities at temperature ``T`` are
+   mixed with the same mask;
 3. both students learn from the one-hot pseudo-labels (weighted CE) on the mixed view;
 4. the small student also gets **gradual large-to-small distillation**: ``T^2 * KL(p_teacher,T || small_T)``
    whose weight ramps linearly from 0 at step 0 to ``kd_weight`` at ``kd_ramp`` of the schedule (the paper's
