@@ -137,6 +137,12 @@ class OptimConfig:
     momentum: float = 0.9  # SGD
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     weight_decay: float = 1e-4
+    # zero: decoupled weight decay towards 0 (AdamW). init: towards the weights the run started from (the source
+    # model; L2-SP's target in decoupled form): each step moves every weight lr * weight_decay of its way back.
+    decay_to: str = choices("zero", "init", default="zero",
+                            help="what weight decay pulls the weights towards: 0, or the weights at the start of "
+                                 "the run (the source model); with AdamW a weight then drifts at most about "
+                                 "1/weight_decay from it, whatever the learning rate")
     head_lr_mult: float = 10.0  # DAFormer/SegFormer convention: the decoder learns 10x faster
     no_decay_norm_bias: bool = True  # no weight decay on norm weights and biases (1-D parameters)
     warmup_iters: int = 0

@@ -53,8 +53,69 @@ def test_head_lr_multiplier_and_no_decay(tmp_path):
     assert n_params == len(list(model.parameters()))
 
 
-def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
-    full = run_train_source(small_cfg(tmp_path, "full", "train.iters=6", "train.ckpt_every=3"))
+def test_decay_to_init_groups_and_from_scratch_modules():
+    from sfdaseg.engine.trainer import build_param_groups
+    from sfdaseg.models import build_model
+
+    model, new = build_model("tiny", num_classes=5, width=8), torch.nn.Conv2d(4, 4, 1)
+    new.from_scratch = True
+    groups = build_param_groups({"model": model, "new": new},
+                                OptimConfig(lr=0.1, weight_decay=50.0, decay_to="init", head_lr_mult=1.0))
+    by_name = {g["name"]: g for g in groups}
+    # The optimizer's own (towards-zero) decay is off everywhere; every model weight, norm and bias included, is
+    # pulled to its start; the new module gets no decay at all.
+    assert all(g["weight_decay"] == 0.0 for g in groups)
+    model_params = sum(len(g["params"]) for n, g in by_name.items() if n.startswith("model/") and g["decay_to_init"])
+    assert model_params == len(list(model.parameters()))
+    assert all(g["decay_to_init"] == 0.0 for n, g in by_name.items() if n.startswith("new/"))
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-2])
+def test_decay_to_init_bounds_the_drift_whatever_the_lr(lr):
+    """A constant gradient drives AdamW's weight ~lr per step; pulled back by lr * wd, it settles ~1/wd away."""
+    from sfdaseg.engine.distributed import DistInfo
+    from sfdaseg.engine.trainer import Trainer
+
+    class Push:  # a task whose loss pushes every weight up at a constant rate
+        def __init__(self):
+            self.w = torch.nn.Linear(4, 4)
+
+        def trainable_modules(self):
+            return {"w": self.w}
+
+        def frozen_modules(self):
+            return {}
+
+        def param_groups(self):
+            return None
+
+        def wrap_trainable(self, wrap):
+            wrap("w", self.w)
+
+    task = Push()
+    start = [p.detach().clone() for p in task.w.parameters()]
+    cfg = OptimConfig(lr=lr, weight_decay=20.0, decay_to="init", poly_power=0.0)
+    from sfdaseg.config import TrainConfig
+
+    trainer = Trainer(task, [], train_cfg=TrainConfig(iters=1), optim_cfg=cfg, batch_size=1, num_workers=0,
+                      device=torch.device("cpu"), dist_info=DistInfo(), run_dir="/nonexistent",
+                      save_model=lambda *a: None, checkpoints=False)
+    for _ in range(2000):
+        loss = -sum(p.sum() for p in task.w.parameters())
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        trainer._decay_to_init()
+    drift = max(float((p - s).abs().max()) for p, s in zip(task.w.parameters(), start))
+    # Equilibrium of d <- (d + lr) (1 - lr wd), Adam's step being ~lr: d = (1 - lr wd) / wd, never above 1 / wd =
+    # 0.05 whatever the LR (without the pull the weights would have moved 2000 * lr = 2 or 20).
+    assert drift == pytest.approx((1 - lr * 20.0) / 20.0, rel=0.05)
+    assert drift <= 1 / 20.0
+
+
+@pytest.mark.parametrize("extra", [[], ["optim.decay_to=init", "optim.weight_decay=5.0"]], ids=["zero", "init"])
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch, extra):
+    full = run_train_source(small_cfg(tmp_path, "full", "train.iters=6", "train.ckpt_every=3", *extra))
 
     original = SupervisedSegmentation.training_step
 
@@ -65,10 +126,11 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SupervisedSegmentation, "training_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_train_source(small_cfg(tmp_path, "cut", "train.iters=6", "train.ckpt_every=3"))
+        run_train_source(small_cfg(tmp_path, "cut", "train.iters=6", "train.ckpt_every=3", *extra))
     assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "model.ckpt").exists()
     monkeypatch.setattr(SupervisedSegmentation, "training_step", original)
-    resumed = run_train_source(small_cfg(tmp_path, "cut", "train.iters=6", "train.ckpt_every=3", "train.resume=true"))
+    resumed = run_train_source(small_cfg(tmp_path, "cut", "train.iters=6", "train.ckpt_every=3", "train.resume=true",
+                                         *extra))
 
     a, b = weights(full), weights(resumed)
     assert a.keys() == b.keys()

@@ -48,6 +48,12 @@ def build_param_groups(modules: Mapping[str, nn.Module], cfg: OptimConfig) -> li
     A module may carry an ``lr_mult`` attribute (a float) that scales every group of its own on top of that: a
     generator or discriminator trained from scratch beside a fine-tuned model wants a larger step than the model.
     Each group records its ``lr_mult`` so the schedule scales every group from its own base LR.
+
+    With ``cfg.decay_to == "init"`` every parameter of a module is pulled towards its starting value (group key
+    ``decay_to_init``, applied by the :class:`Trainer` after each step; norm weights and biases too, since pulling
+    them to their source values does not shrink them). A module a recipe builds from random weights (attribute
+    ``from_scratch = True``: STvM's metric network, Liu et al.'s generator) has no value worth returning to and gets
+    no weight decay then.
     """
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
@@ -57,15 +63,19 @@ def build_param_groups(modules: Mapping[str, nn.Module], cfg: OptimConfig) -> li
             {"all": list(module.parameters())}
         for pname, params in parts.items():
             mult = (cfg.head_lr_mult if pname == "head" else 1.0) * float(getattr(module, "lr_mult", 1.0))
+            to_init = cfg.decay_to == "init"
             decay, no_decay = [], []
             for p in params:
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                (no_decay if cfg.no_decay_norm_bias and p.ndim <= 1 else decay).append(p)
+                (no_decay if (to_init and getattr(module, "from_scratch", False))
+                 or (not to_init and cfg.no_decay_norm_bias and p.ndim <= 1) else decay).append(p)
             for suffix, ps, wd in (("", decay, cfg.weight_decay), ("/no_decay", no_decay, 0.0)):
                 if ps:
-                    groups.append({"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": wd,
+                    # The optimizer's own decay pulls towards 0; towards init the trainer applies it after the step.
+                    groups.append({"params": ps, "lr": cfg.lr * mult, "lr_mult": mult,
+                                   "weight_decay": 0.0 if to_init else wd, "decay_to_init": wd if to_init else 0.0,
                                    "name": f"{mname}/{pname}{suffix}"})
     if not groups:
         raise ValueError("the task has no trainable parameters")
@@ -138,6 +148,10 @@ class Trainer:
         self.optimizer = build_optimizer(groups, optim_cfg, device)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # optim.decay_to=init: the weights every step is pulled back towards (the source model's), one tensor per
+        # parameter of a group with ``decay_to_init``; saved in state.pt so a resumed run keeps the same ones.
+        self.init_weights = [[p.detach().clone() for p in g["params"]] if g.get("decay_to_init", 0.0) > 0 else []
+                             for g in self.optimizer.param_groups]
         # fp16 needs loss scaling; bf16 and fp32 do not (GradScaler(enabled=False) is a no-op pass-through).
         self.scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.amp == "fp16")
         self.wrapped: dict[str, nn.Module] = {}
@@ -231,6 +245,7 @@ class Trainer:
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "init_weights": self.init_weights,
             "task": self.task.state_dict(),
             "config": self.config,
             "world_size": self.dist.world_size,
@@ -258,6 +273,12 @@ class Trainer:
             raise CheckpointError(f"{path}: the saved run does not fit this run's model/optimizer (was model.*, "
                                   f"optim.* or the class list changed?): {' '.join(first)}") from e
         self.scaler.load_state_dict(state["scaler"])
+        saved_init = state.get("init_weights")
+        if saved_init is not None:
+            if [len(a) for a in saved_init] != [len(a) for a in self.init_weights]:
+                raise CheckpointError(f"{path}: the saved run was started with another optim.decay_to or "
+                                      "optim.weight_decay setting (its init weights do not fit this run)")
+            self.init_weights = [[t.to(self.device) for t in a] for a in saved_init]
         self.task.load_state_dict(state["task"])
         if state.get("world_size", 1) != self.dist.world_size:
             logger.warning(f"resuming a run saved with world size {state.get('world_size')} on "
@@ -354,6 +375,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self._decay_to_init()
             self.task.after_optimizer_step(step)
         self._logs.add({"loss": step_loss}, count=True)
         self._logs.waited(self.last_data_wait)
@@ -364,6 +386,13 @@ class Trainer:
         if do_ckpt:
             self.save_state()
             self._last_good_step = self.step
+
+    @torch.no_grad()
+    def _decay_to_init(self) -> None:
+        """``w <- w + min(1, lr * wd) * (w_init - w)`` for the groups with ``decay_to_init`` (decoupled, as AdamW's)."""
+        for g, init in zip(self.optimizer.param_groups, self.init_weights):
+            if init:
+                torch._foreach_lerp_(g["params"], init, min(1.0, g["lr"] * g["decay_to_init"]))
 
     def _skip_non_finite(self, step_loss: torch.Tensor, step: int) -> bool:
         """Track non-finite losses on the device; with ``on_nan=skip`` decide now whether to skip this step."""

@@ -181,6 +181,7 @@ class DUDA(TeacherStudentTask):
                          extra_trainable={"small": small})
         self.small = small
         self.small.lr_mult = cfg.small_lr_mult  # read by the trainer's build_param_groups
+        self.small.from_scratch = not cfg.student_checkpoint  # random weights: optim.decay_to=init leaves it alone
         self.cfg = cfg
         self.num_classes = ctx.classes.num_classes
         self.ignore = ctx.classes.ignore_index

@@ -501,6 +501,7 @@ class SFDALiu(TaskBase):
         # Read by the trainer's build_param_groups: both start from scratch beside a fine-tuned model.
         self.generator.lr_mult = cfg.gen_lr_mult
         self.disc.lr_mult = cfg.disc_lr_mult
+        self.generator.from_scratch = self.disc.from_scratch = True  # optim.decay_to=init leaves them alone
         self.teacher = EMATeacher(model, momentum=cfg.ema_momentum) if ctx.export == "teacher" else None
         if ctx.batch_size is not None and ctx.batch_size < 2 and (cfg.adv_weight > 0 or cfg.disc_weight > 0):
             raise ConfigError("recipe sfda_liu: IPSM ranks the patches of a batch into easy and hard halves, which "

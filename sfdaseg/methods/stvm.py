@@ -152,6 +152,7 @@ class STvM(TeacherStudentTask):
         model = ctx.model
         self.metric = MetricNet(model.feature_dim, cfg.embed_dim, ctx.classes.num_classes).to(ctx.device)
         self.metric.lr_mult = cfg.metric_lr_mult  # read by the trainer's build_param_groups
+        self.metric.from_scratch = True  # optim.decay_to=init: no source value to return to
         super().__init__(model, EMATeacher(model, momentum=cfg.ema_momentum), export=ctx.export,
                          extra_trainable={"metric": self.metric})
         self.cfg = cfg
