@@ -158,6 +158,11 @@ class OptimConfig:
             raise ConfigError("optim.weight_decay, optim.warmup_iters and optim.poly_power must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"optim.grad_clip: expected a positive norm or null, got {self.grad_clip}")
+        if self.decay_to == "zero" and self.weight_decay >= 1.0:
+            # adapt's default strength towards the source weights would wipe the model if it pulled towards 0.
+            raise ConfigError(f"optim.weight_decay={self.weight_decay:g} with optim.decay_to=zero would shrink every "
+                              "weight towards 0 by lr * weight_decay per step: expected < 1 (e.g. 0.01) when "
+                              "decaying towards zero; set both keys")
 
 
 @dataclass
@@ -583,7 +588,13 @@ class AdaptConfig:
     # network, Liu et al.'s generator) have their own multipliers. lr 3e-5 (half of DAFormer's 6e-5): chosen on
     # both benchmarks' target val splits (benchmarks/results/tuning_val.md, round 4); self-training on a model
     # that is already trained drifts less per step, and the first harmful rate is then 3x away, not 1.7x.
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5, weight_decay=0.01, head_lr_mult=1.0))
+    # decay_to=init, weight_decay 200: every step pulls each weight lr * 200 of its way back to the source model,
+    # so with AdamW (steps of about lr) no weight settles further than ~1/200 from its source value whatever the
+    # rate: a too-high LR then reaches that bound sooner instead of running away (self-training's collapse).
+    # Chosen on both val splits (tuning_val.md, round 6): the best worst case over rates 3e-5..3e-4, head x1 and
+    # x10, among the strengths within 1 point of the best default-rate score.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5, weight_decay=200.0, decay_to="init",
+                                                                   head_lr_mult=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/adapt"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -138,7 +138,7 @@ def test_builtin_benchmark_configs_run_the_shipped_defaults(path, tmp_path):
 def test_a_partial_section_keeps_the_commands_own_defaults(tmp_path):
     """`optim.lr=...` on adapt must not reset the rest of `optim` to the section class's defaults.
 
-    AdaptConfig's own optim default (head LR x1, weight decay 0.01) and train.out differ from OptimConfig's and
+    AdaptConfig's own optim default (head LR x1, weight decay 200 towards the source weights) and train.out differ from OptimConfig's and
     TrainConfig's; before the fix one optim key on the command line silently switched the head to x10.
     """
     from sfdaseg.config import DistillConfig
@@ -148,7 +148,7 @@ def test_a_partial_section_keeps_the_commands_own_defaults(tmp_path):
     partial = from_dict(AdaptConfig, {"recipe": "selftrain", "optim": {"lr": 1e-5}, "train": {"iters": 7}},
                         validate=False)
     assert partial.optim.lr == pytest.approx(1e-5) and partial.train.iters == 7
-    for key in ("head_lr_mult", "weight_decay", "name", "warmup_iters"):
+    for key in ("head_lr_mult", "weight_decay", "decay_to", "name", "warmup_iters"):
         assert getattr(partial.optim, key) == getattr(default.optim, key), key
     assert default.optim.head_lr_mult == 1.0 and partial.train.out == default.train.out == "runs/adapt"
     f = tmp_path / "a.yaml"
@@ -157,3 +157,15 @@ def test_a_partial_section_keeps_the_commands_own_defaults(tmp_path):
     assert from_file.optim.name == "sgd"
     assert from_file.optim.lr == pytest.approx(from_dict(DistillConfig, {}, validate=False).optim.lr)
     assert from_file.train.out == "runs/distill"
+
+
+def test_adapt_pulls_towards_the_source_weights_by_default_and_refuses_a_strength_meant_for_it_towards_zero():
+    from sfdaseg.config_base import from_dict
+
+    default = from_dict(AdaptConfig, {"recipe": "selftrain"}, validate=False)
+    assert default.optim.decay_to == "init" and default.optim.weight_decay == pytest.approx(200.0)
+    # decay_to=zero alone would keep the strength of 200 and wipe every weight within a few steps: refused.
+    with pytest.raises(ConfigError, match=r"optim.weight_decay=200 with optim.decay_to=zero"):
+        from_dict(AdaptConfig, {"recipe": "selftrain", "optim": {"decay_to": "zero"}}, validate=False).optim.validate()
+    from_dict(AdaptConfig, {"recipe": "selftrain", "optim": {"decay_to": "zero", "weight_decay": 0.01}},
+              validate=False).optim.validate()

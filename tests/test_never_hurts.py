@@ -226,14 +226,15 @@ def trained_source(tmp_path_factory):
 
 
 def _collapsing(tmp_path, source, name, *extra):
-    # SGD at a huge LR on every pseudo-label (no style swap or ClassMix to slow it): the predictions collapse within
-    # a few steps (a forced collapse), and the alarm fires before the last of the 16.
+    # SGD at a huge LR on every pseudo-label (no style swap or ClassMix to slow it) and no pull towards the source
+    # weights (adapt's default decay_to=init would reset them at this LR): the predictions collapse within a few
+    # steps (a forced collapse), and the alarm fires before the last of the 16.
     return load_config(AdaptConfig, overrides=[
         "recipe=selftrain", f"checkpoint={source}", f"train.out={tmp_path / name}", "train.iters=16",
         "data.synthetic={size: [32, 64], length: 16}", "data.crop=[32,64]", "data.batch_size=4",
         "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-        "optim.name=sgd", "optim.lr=1.0", "optim.head_lr_mult=1", "monitor.every=2", "monitor.images=8",
-        "method.classmix=false", "method.style=none", "method.policy=none", "report=false", *extra])
+        "optim.name=sgd", "optim.lr=1.0", "optim.head_lr_mult=1", "optim.decay_to=zero", "optim.weight_decay=0",
+        "monitor.every=2", "monitor.images=8", "method.classmix=false", "method.style=none", "method.policy=none", "report=false", *extra])
 
 
 def test_the_guard_delivers_the_last_healthy_snapshot_of_a_collapsed_run(tmp_path, trained_source):
