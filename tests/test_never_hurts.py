@@ -234,7 +234,24 @@ def _collapsing(tmp_path, source, name, *extra):
         "data.synthetic={size: [32, 64], length: 16}", "data.crop=[32,64]", "data.batch_size=4",
         "data.num_workers=0", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
         "optim.name=sgd", "optim.lr=1.0", "optim.head_lr_mult=1", "optim.decay_to=zero", "optim.weight_decay=0",
-        "monitor.every=2", "monitor.images=8", "method.classmix=false", "method.style=none", "method.policy=none", "report=false", *extra])
+        "monitor.every=2", "monitor.images=8", "method.classmix=false", "method.style=none", "method.policy=none",
+        "report=false", *extra])
+
+
+def test_adapt_pulls_the_weights_towards_the_source_model(tmp_path, trained_source):
+    """The same high-rate run with and without optim.decay_to=init: only the pull keeps every weight near its source
+    value (within ~1/weight_decay; adapt's own default strength, 200, would hold it within 0.005)."""
+    def max_drift(name, *extra):
+        run_adapt(_collapsing(tmp_path, trained_source, name, "optim.name=adamw", "optim.lr=0.02", "train.iters=12",
+                              "monitor.every=-1", *extra))
+        student = torch.load(tmp_path / name / "state.pt", weights_only=True)["modules"]["student"]
+        source = load_model(trained_source)[0].state_dict()
+        return max(float((student[k] - source[k]).abs().max()) for k in source
+                   if source[k].is_floating_point() and "running" not in k)
+
+    free = max_drift("free")
+    pulled = max_drift("pulled", "optim.decay_to=init", "optim.weight_decay=25")
+    assert pulled <= 1 / 25 + 1e-6 < free
 
 
 def test_the_guard_delivers_the_last_healthy_snapshot_of_a_collapsed_run(tmp_path, trained_source):
