@@ -106,7 +106,7 @@ def test_decay_to_init_bounds_the_drift_whatever_the_lr(lr):
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         trainer._decay_to_init()
-    drift = max(float((p - s).abs().max()) for p, s in zip(task.w.parameters(), start))
+    drift = max(float((p.detach() - s).abs().max()) for p, s in zip(task.w.parameters(), start))
     # Equilibrium of d <- (d + lr) (1 - lr wd), Adam's step being ~lr: d = (1 - lr wd) / wd, never above 1 / wd =
     # 0.05 whatever the LR (without the pull the weights would have moved 2000 * lr = 2 or 20).
     assert drift == pytest.approx((1 - lr * 20.0) / 20.0, rel=0.05)
